@@ -1,0 +1,184 @@
+"""THE mapping between Hugging Face (published) names and Megatron names, with the shard rule of each tensor.
+
+This table is the only place in the project that knows weight names. Conversion (HF <-> Megatron checkpoint) and the
+weight export to rollout engines both read it. `*` in a name stands for a layer index (global over pipeline stages
+on the Megatron side) or, for `visual.*`, for any suffix. Each mapping turns HF tensors into the tensor-parallel
+shard of one Megatron parameter, and the shards of all TP ranks back into HF tensors:
+
+    Replicated     same tensor on every rank (norms, the vision tower)
+    ColumnParallel split along dim 0                  RowParallel  split along dim 1
+    VocabParallel  rows padded to the padded vocabulary, then split along dim 0 (padding dropped on the way back)
+    QKVFused       q, k, v interleaved per query group [q_g (heads/groups * d) | k_g (d) | v_g (d)], split by groups
+    GatedMLP       each rank holds [gate_r ; up_r] (its slices of gate_proj and up_proj)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes the shard rules need."""
+
+    num_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    padded_vocab_size: int
+
+    @classmethod
+    def from_hf_config(cls, hf_config, padded_vocab_size: int) -> "ModelDims":
+        text = hf_config.text_config
+        return cls(text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads,
+                   text.vocab_size, padded_vocab_size)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One Megatron parameter and the HF tensors it is made of."""
+
+    megatron: str
+    hf: tuple[str, ...]
+
+    def to_shard(self, hf: list[torch.Tensor], rank: int, size: int, dims: ModelDims) -> torch.Tensor:
+        raise NotImplementedError  # every subclass defines it; Mapping itself is never in the table
+
+    def to_hf(self, shards: list[torch.Tensor], dims: ModelDims) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class Replicated(Mapping):
+    def to_shard(self, hf, rank, size, dims):
+        return hf[0]
+
+    def to_hf(self, shards, dims):
+        return [shards[0]]
+
+
+class ColumnParallel(Mapping):
+    def to_shard(self, hf, rank, size, dims):
+        return _split(hf[0], 0, rank, size)
+
+    def to_hf(self, shards, dims):
+        return [torch.cat(shards, 0)]
+
+
+class RowParallel(Mapping):
+    def to_shard(self, hf, rank, size, dims):
+        return _split(hf[0], 1, rank, size)
+
+    def to_hf(self, shards, dims):
+        return [torch.cat(shards, 1)]
+
+
+class VocabParallel(Mapping):
+    def to_shard(self, hf, rank, size, dims):
+        weight = hf[0]
+        padded = weight.new_zeros((dims.padded_vocab_size, *weight.shape[1:]))
+        padded[: weight.shape[0]] = weight
+        return _split(padded, 0, rank, size)
+
+    def to_hf(self, shards, dims):
+        return [torch.cat(shards, 0)[: dims.vocab_size]]
+
+
+class QKVFused(Mapping):
+    def to_shard(self, hf, rank, size, dims):
+        q, k, v = hf
+        groups, per_group = dims.num_query_groups, dims.num_heads // dims.num_query_groups
+        tail = q.shape[1:]
+        fused = torch.cat(
+            [
+                q.reshape(groups, per_group * dims.head_dim, *tail),
+                k.reshape(groups, dims.head_dim, *tail),
+                v.reshape(groups, dims.head_dim, *tail),
+            ],
+            dim=1,
+        )
+        return _split(fused, 0, rank, size).reshape(-1, *tail)
+
+    def to_hf(self, shards, dims):
+        groups, per_group = dims.num_query_groups, dims.num_heads // dims.num_query_groups
+        fused = torch.cat(shards, 0)
+        tail = fused.shape[1:]
+        fused = fused.reshape(groups, (per_group + 2) * dims.head_dim, *tail)
+        q, k, v = fused.split([per_group * dims.head_dim, dims.head_dim, dims.head_dim], dim=1)
+        return [t.reshape(-1, *tail) for t in (q, k, v)]
+
+
+class GatedMLP(Mapping):
+    def to_shard(self, hf, rank, size, dims):
+        gate, up = hf
+        return torch.cat([_split(gate, 0, rank, size), _split(up, 0, rank, size)], 0)
+
+    def to_hf(self, shards, dims):
+        halves = [s.chunk(2, 0) for s in shards]
+        return [torch.cat([h[0] for h in halves], 0), torch.cat([h[1] for h in halves], 0)]
+
+
+def _split(tensor: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    if tensor.shape[dim] % size:
+        raise ValueError(f"cannot split a dimension of {tensor.shape[dim]} across {size} tensor-parallel ranks")
+    return tensor.chunk(size, dim)[rank].contiguous()  # contiguous: gloo scrambles non-contiguous chunks
+
+
+_LM = "language_model."
+_LAYER = _LM + "decoder.layers.*."
+_HF_LAYER = "model.layers.*."
+
+QWEN2_5_VL_MAPPINGS: tuple[Mapping, ...] = (
+    VocabParallel(_LM + "embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+    Replicated(_LAYER + "input_layernorm.weight", (_HF_LAYER + "input_layernorm.weight",)),
+    QKVFused(_LAYER + "self_attention.linear_qkv.weight",
+             tuple(_HF_LAYER + f"self_attn.{p}_proj.weight" for p in "qkv")),
+    QKVFused(_LAYER + "self_attention.linear_qkv.bias", tuple(_HF_LAYER + f"self_attn.{p}_proj.bias" for p in "qkv")),
+    RowParallel(_LAYER + "self_attention.linear_proj.weight", (_HF_LAYER + "self_attn.o_proj.weight",)),
+    Replicated(_LAYER + "pre_mlp_layernorm.weight", (_HF_LAYER + "post_attention_layernorm.weight",)),
+    GatedMLP(_LAYER + "mlp.linear_fc1.weight", (_HF_LAYER + "mlp.gate_proj.weight", _HF_LAYER + "mlp.up_proj.weight")),
+    RowParallel(_LAYER + "mlp.linear_fc2.weight", (_HF_LAYER + "mlp.down_proj.weight",)),
+    Replicated(_LM + "decoder.final_layernorm.weight", ("model.norm.weight",)),
+    VocabParallel(_LM + "output_layer.weight", ("lm_head.weight",)),
+    Replicated("vision_model.*", ("visual.*",)),
+)
+
+# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
+TE_NAME_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def _pattern(name: str, layer_only: bool) -> re.Pattern:
+    star = r"(\d+)" if layer_only else r"(.+)"
+    return re.compile("^" + re.escape(name).replace(r"\*", star) + "$")
+
+
+_COMPILED = [(m, _pattern(m.megatron, m.megatron.endswith(".*.") or "layers.*" in m.megatron)) for m in
+             QWEN2_5_VL_MAPPINGS]
+
+
+def canonical_megatron_name(name: str) -> str:
+    """The local-spec name of a Megatron parameter (Transformer Engine's fused norm names mapped back)."""
+    for te_name, local_name in TE_NAME_ALIASES.items():
+        if name.endswith(te_name):
+            return name[: -len(te_name)] + local_name
+    return name
+
+
+def resolve(megatron_name: str) -> tuple[Mapping, list[str]]:
+    """The mapping of a (global, canonical) Megatron parameter name and the concrete HF names it reads."""
+    for mapping, pattern in _COMPILED:
+        match = pattern.match(megatron_name)
+        if match:
+            return mapping, [h.replace("*", match.group(1), 1) if "*" in h else h for h in mapping.hf]
+    raise KeyError(f"no mapping for Megatron parameter {megatron_name!r}: add it to checkpoint/mapping.py")
+
+
+def global_layer_name(local_name: str, layer_offset: int) -> str:
+    """decoder.layers.<local i> -> decoder.layers.<offset + i> (pipeline stages number their layers from 0)."""
+    return re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.",
+                  local_name, count=1)

@@ -1,0 +1,1 @@
+"""Model helpers (tiny Hugging Face Qwen2.5-VL builders, ...)."""

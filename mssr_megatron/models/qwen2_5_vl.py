@@ -1,0 +1,200 @@
+"""Qwen2.5-VL on Megatron-Core: a GPTModel language model with mrope, and the vision tower on the first stage.
+
+Language model: GPTModel (position_embedding_type="mrope") with grouped-query attention, QKV bias, RMSNorm, SwiGLU,
+rotary base from the HF config, tied or untied embeddings, vocabulary padded for TP as Megatron-LM pads it.
+Vision tower: transformers' own `Qwen2_5_VisionTransformerPretrainedModel` (window attention, full-attention blocks,
+2-D rotary, patch merger), replicated on every TP rank of the first pipeline stage, as Megatron-Bridge does. Its
+gradients need no extra reduction: the decoder input's gradient is already all-reduced over TP by the first
+column-parallel layer, so every TP rank computes the same vision gradients.
+Layer spec: the local spec (CPU, GPU without Transformer Engine) or Transformer Engine with FP8 settings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+from mssr_megatron.models.rope_index import mrope_position_ids
+
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+HF_DEFAULT_MROPE_SECTION = (16, 24, 24)  # what transformers assumes when the config names none
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
+    """Megatron-LM's padding: round the vocabulary up to a multiple of divisible_by * tp."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def _te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or an OSError/RuntimeError when no CUDA driver is present
+        return False
+    return True
+
+
+def layer_spec(model_cfg):
+    """The transformer layer spec for model.transformer_impl: 'local' or 'transformer_engine' (GPU only)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if model_cfg.transformer_impl == "transformer_engine":
+        if not _te_available():
+            raise RuntimeError(
+                "model.transformer_impl=transformer_engine (and FP8) needs Transformer Engine with a CUDA GPU; "
+                "install requirements-gpu.txt on a GPU node, or set model.transformer_impl=local model.fp8=null"
+            )
+        return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")  # GPU-only path: never run here
+    if model_cfg.fp8 is not None:
+        raise RuntimeError("model.fp8 needs model.transformer_impl=transformer_engine (Transformer Engine, GPU)")
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def language_config(hf_config, model_cfg, tp: int = 1, pp: int = 1, sequence_parallel: bool = False):
+    """TransformerConfig of the language model from the HF Qwen2.5-VL config and our ModelConfig."""
+    from megatron.core.transformer import TransformerConfig
+
+    text = hf_config.text_config
+    dtype = _DTYPES[model_cfg.params_dtype]
+    head_dim = text.hidden_size // text.num_attention_heads
+    rope = _rope_parameters(text)
+    fp8 = {}
+    if model_cfg.fp8 is not None:  # GPU-only path: never run here
+        fp8 = dict(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe, fp8_margin=model_cfg.fp8_margin,
+                   fp8_amax_history_len=model_cfg.fp8_amax_history_len,
+                   fp8_amax_compute_algo=model_cfg.fp8_amax_compute_algo)
+    return TransformerConfig(
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        num_attention_heads=text.num_attention_heads,
+        num_query_groups=text.num_key_value_heads,
+        kv_channels=head_dim,
+        ffn_hidden_size=text.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=text.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=model_cfg.hidden_dropout,
+        attention_dropout=model_cfg.attention_dropout,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        mrope_section=list(rope.get("mrope_section", HF_DEFAULT_MROPE_SECTION)),
+        recompute_granularity=model_cfg.recompute_granularity,
+        recompute_method=model_cfg.recompute_method,
+        recompute_num_layers=model_cfg.recompute_num_layers,
+        **fp8,
+    )
+
+
+def _rope_parameters(text_config) -> dict:
+    """rope_theta and mrope_section: transformers 5 keeps them in rope_parameters, 4.x in rope_theta/rope_scaling."""
+    params = dict(getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(text_config, "rope_theta", 1e6))
+    return params
+
+
+def rotary_base(hf_config) -> float:
+    return float(_rope_parameters(hf_config.text_config)["rope_theta"])
+
+
+class Qwen2_5_VLMegatron(MegatronModule):
+    """One pipeline stage of Qwen2.5-VL.
+
+    Parameters are named `vision_model.*` (first stage only; transformers' module names) and `language_model.*`
+    (megatron GPTModel names); the checkpoint mapping table translates both to the published HF names.
+    forward(input_ids [B, S], position_ids [3, B, S], pixel_values [P, C*T*14*14], image_grid_thw [N, 3])
+      -> last stage: vocab-parallel logits [B, S, V_padded / TP]; other stages: hidden states [S, B, H].
+    """
+
+    def __init__(self, hf_config, model_cfg, tp: int = 1, pp: int = 1, pre_process: bool = True,
+                 post_process: bool = True, sequence_parallel: bool = False):
+        from megatron.core.enums import ModelType
+        from megatron.core.models.gpt import GPTModel
+
+        super().__init__(config=language_config(hf_config, model_cfg, tp, pp, sequence_parallel))
+        self.model_type = ModelType.encoder_or_decoder
+        self.hf_config = hf_config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vocab_size = hf_config.text_config.vocab_size
+        self.image_token_id = hf_config.image_token_id
+        self.language_model = GPTModel(
+            config=self.config,
+            transformer_layer_spec=layer_spec(model_cfg),
+            vocab_size=padded_vocab_size(self.vocab_size, tp),
+            max_sequence_length=hf_config.text_config.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+            position_embedding_type="mrope",
+            rotary_base=rotary_base(hf_config),
+        )
+        self.vision_model = None
+        if pre_process:
+            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+            vision_config = hf_config.vision_config
+            vision_config._attn_implementation = "sdpa"  # deterministic CPU path; flash-attention where installed
+            self.vision_model = Qwen2_5_VisionTransformerPretrainedModel._from_config(
+                vision_config, dtype=_DTYPES[model_cfg.params_dtype]
+            )
+            self.vision_model.requires_grad_(model_cfg.train_vision)
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        """The tied embedding / output weight (megatron's grad finalisation syncs it across the first/last stage)."""
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline hook: the hidden states received from the previous stage."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+        """Token embeddings with the vision features placed at the <|image_pad|> positions. [S, B, H]"""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
+        if pixel_values is None:
+            return embeddings
+        image_mask = input_ids == self.image_token_id  # [B, S]: features come image by image, batch-major
+        features = self.vision_model(pixel_values.to(self.vision_model.dtype), grid_thw=image_grid_thw)
+        features = getattr(features, "pooler_output", features)  # transformers 5 returns a model output
+        if int(image_mask.sum()) != features.shape[0]:
+            raise ValueError(f"the prompts hold {int(image_mask.sum())} <|image_pad|> tokens but the images give "
+                             f"{features.shape[0]} features: check the processor's image_grid_thw")
+        embeddings = embeddings.transpose(0, 1).clone()  # [B, S, H]
+        embeddings[image_mask] = features.to(embeddings.dtype)
+        return embeddings.transpose(0, 1).contiguous()
+
+    def forward(self, input_ids, position_ids=None, pixel_values=None, image_grid_thw=None, attention_mask=None):
+        if position_ids is None:
+            position_ids = mrope_position_ids(input_ids.cpu(), image_grid_thw, self.image_token_id,
+                                              self.hf_config.vision_config.spatial_merge_size).to(input_ids.device)
+        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        return self.language_model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input
+        )

@@ -1,0 +1,84 @@
+"""Shared pieces of the multi-process Megatron tests: a tiny Qwen2.5-VL case and real gloo processes.
+
+Workers are top-level functions (spawn pickles them by name); they write results with torch.save into a folder the
+parent test compares against the Hugging Face reference computed in the parent process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.multiprocessing as mp
+
+VOCAB = 331  # not divisible by any TP size > 1: exercises Megatron's vocabulary padding
+LAYERS = 4  # divisible by PP = 2
+
+
+def tiny_case(tied: bool, seed: int = 0):
+    """(hf_config, hf_model, inputs) for a 2-prompt batch, each prompt with one 56x56-pixel image (4 merged tokens),
+    right-padded to a common length. inputs holds what both models need (HF keys plus mrope position_ids)."""
+    from mssr_megatron.models.rope_index import mrope_position_ids
+    from mssr_megatron.models.tiny_hf import init_tiny_model, tiny_qwen2_5_vl_config
+
+    cfg = tiny_qwen2_5_vl_config(vocab_size=VOCAB, tie_word_embeddings=tied, num_layers=LAYERS)
+    hf = init_tiny_model(cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def prompt(before: int, after: int) -> list[int]:
+        image = [cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]
+        return (torch.randint(10, 300, (before,), generator=gen).tolist() + image
+                + torch.randint(10, 300, (after,), generator=gen).tolist())
+
+    rows = [prompt(5, 7), prompt(3, 4)]
+    length = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    grid = torch.tensor([[1, 4, 4]] * len(rows))
+    inputs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=torch.randn(16 * len(rows), 3 * 2 * 14 * 14, generator=gen),
+        image_grid_thw=grid,
+        mm_token_type_ids=(input_ids == cfg.image_token_id).long(),
+    )
+    inputs["position_ids"] = mrope_position_ids(input_ids, grid, cfg.image_token_id,
+                                                cfg.vision_config.spatial_merge_size, attention_mask)
+    return cfg, hf, inputs
+
+
+def hf_logits(hf, inputs) -> torch.Tensor:
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    with torch.no_grad():
+        return hf(**{k: inputs[k] for k in keys}).logits
+
+
+def megatron_batch(inputs) -> dict:
+    return {k: inputs[k] for k in ("input_ids", "position_ids", "pixel_values", "image_grid_thw")}
+
+
+def _entry(rank: int, fn, world_size: int, port: int, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    sys.path.insert(0, os.path.dirname(__file__))
+    fn(rank, *args)
+
+
+def spawn(fn, world_size: int, *args) -> None:
+    """Run fn(rank, *args) in `world_size` fresh processes with a torch.distributed environment; raise on failure."""
+    from mssr_megatron.parallel import free_port
+
+    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+
+
+def gather_tp_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Full-vocabulary logits from the vocab-parallel shards of this TP group, padding dropped."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    shards = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(shards, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(shards, -1)[..., :vocab]
