@@ -105,8 +105,11 @@ PATCHES = (
     Patch("device_literals", DEVICE_LITERAL_MODULES,
           "CUDA device literals in device-agnostic code; module-scoped torch stand-in maps them to the CPU"),
     Patch("rng_tracker", ("megatron.core.tensor_parallel.random.CudaRNGStatesTracker.add",
-                          "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork"),
-          "the model-parallel RNG tracker saves and swaps CUDA generator states; on CPU it tracks CPU RNG states"),
+                          "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork",
+                          "megatron.core.tensor_parallel.random._get_cuda_rng_state",
+                          "megatron.core.tensor_parallel.random._set_cuda_rng_state"),
+          "the model-parallel RNG tracker and activation recompute save and swap CUDA generator states; on CPU the "
+          "'CUDA' generator is the CPU generator"),
     Patch("tied_embedding_sync", ("megatron.core.models.common.language_module.language_module.LanguageModule"
                                   ".setup_embeddings_and_output_layer",),
           "moves the tied embedding to CUDA (weight.data.cuda()) before its first/last-stage all-reduce; run it "
@@ -195,6 +198,8 @@ def apply_cpu_patches(force: bool = False) -> bool:
     from megatron.core.optimizer import clip_grads
     from megatron.core.tensor_parallel import random as tp_random
 
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     tp_random.CudaRNGStatesTracker.add = _tracker_add
     tp_random.CudaRNGStatesTracker.fork = _tracker_fork
     from megatron.core.models.common.language_module.language_module import LanguageModule

@@ -82,3 +82,19 @@ def gather_tp_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     shards = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
     dist.all_gather(shards, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(shards, -1)[..., :vocab]
+
+
+def per_row_microbatches(inputs) -> list[dict]:
+    """The batch as one micro-batch per prompt (each prompt holds exactly one image), with `row` = its index."""
+    patches = inputs["image_grid_thw"].prod(-1).tolist()
+    starts = [sum(patches[:i]) for i in range(len(patches))]
+    return [
+        {
+            "input_ids": inputs["input_ids"][i : i + 1],
+            "position_ids": inputs["position_ids"][:, i : i + 1],
+            "pixel_values": inputs["pixel_values"][starts[i] : starts[i] + patches[i]],
+            "image_grid_thw": inputs["image_grid_thw"][i : i + 1],
+            "row": i,
+        }
+        for i in range(len(patches))
+    ]

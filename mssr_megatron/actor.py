@@ -1,0 +1,131 @@
+"""The policy on this rank: a Qwen2.5-VL stage wrapped in Megatron DDP, its optimizer and LR schedule.
+
+    actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_optimizer_steps)
+    actor.load_hf_state(hf_state)
+    out = actor.token_logprobs(batches, temperature)    # last stage: [(logprobs [B, S-1], entropy [B, S-1]), ...]
+    metrics = actor.train_step(batches, loss_fn)        # forward, backward, grad finalisation, clip, optimizer step
+
+Token t's log-prob is read from the logits at position t - 1 (the usual shift), through the fused vocab-parallel op.
+A reference policy is the same class without an optimizer (`optim_cfg=None`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from mssr_megatron.checkpoint.hf_bridge import load_hf_weights
+from mssr_megatron.checkpoint.mapping import ModelDims
+from mssr_megatron.models.provider import build_model, run_microbatches
+from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
+from mssr_megatron.ops import vocab_parallel_logprobs_entropy
+
+_LR_STYLES = {"constant": "constant", "cosine": "cosine", "linear": "linear"}
+
+
+def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, temperature: float = 1.0):
+    """Log-prob and full-vocabulary entropy of each next token: logits [B, S, V/TP] -> two [B, S-1] tensors."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
+    return vocab_parallel_logprobs_entropy(
+        logits[:, :-1], input_ids[:, 1:], tp_group=group, temperature=temperature, vocab_size=vocab_size
+    )
+
+
+class MegatronActor:
+    def __init__(self, hf_config, model_cfg, optim_cfg=None, total_optimizer_steps: int = 1):
+        from megatron.core import parallel_state as ps
+
+        self.hf_config = hf_config
+        self.vocab_size = hf_config.text_config.vocab_size
+        module = build_model(hf_config, model_cfg)
+        self.dims = ModelDims.from_hf_config(
+            hf_config, padded_vocab_size(self.vocab_size, ps.get_tensor_model_parallel_world_size())
+        )
+        self.optimizer = self.scheduler = None
+        self.model = module
+        if optim_cfg is not None:
+            self._setup_training(module, optim_cfg, total_optimizer_steps)
+
+    def _setup_training(self, module, optim_cfg, total_optimizer_steps: int) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        config = module.config
+        self.model = DistributedDataParallel(
+            config=config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=module
+        )
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
+                adam_beta1=optim_cfg.adam_beta1, adam_beta2=optim_cfg.adam_beta2, adam_eps=optim_cfg.adam_eps,
+                clip_grad=optim_cfg.grad_clip, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
+            ),
+            [self.model],
+        )
+        decay_steps = optim_cfg.lr_decay_steps or max(total_optimizer_steps, 1)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim_cfg.warmup_steps else optim_cfg.lr, max_lr=optim_cfg.lr,
+            min_lr=optim_cfg.min_lr, lr_warmup_steps=optim_cfg.warmup_steps,
+            lr_decay_steps=max(decay_steps, optim_cfg.warmup_steps + 1),
+            lr_decay_style=_LR_STYLES[optim_cfg.lr_schedule], start_wd=optim_cfg.weight_decay,
+            end_wd=optim_cfg.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+        )
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self.model.no_sync
+        config.grad_scale_func = self.optimizer.scale_loss
+
+    @property
+    def module(self):
+        """The unwrapped Qwen2.5-VL stage."""
+        return getattr(self.model, "module", self.model)
+
+    def load_hf_state(self, hf_state: dict[str, torch.Tensor]) -> set[str]:
+        """Copy this rank's shards from a published-name HF state dict; returns the HF names read."""
+        consumed = load_hf_weights(self.module, hf_state, self.dims)
+        if self.optimizer is not None:
+            self.optimizer.reload_model_params()  # keep fp32 main params (bf16 training) in step with the model
+        return consumed
+
+    @torch.no_grad()
+    def token_logprobs(self, batches: list[dict], temperature: float = 1.0) -> list[tuple[torch.Tensor, ...]]:
+        """Per micro-batch (logprobs [B, S-1], entropy [B, S-1]) on the last pipeline stage; [] elsewhere."""
+        self.model.eval()
+        outputs = run_microbatches(self.model, batches, forward_only=True)
+        return [shifted_logprobs(out, b["input_ids"], self.vocab_size, temperature) for out, b in
+                zip(outputs, batches)]
+
+    def train_step(self, batches: list[dict], loss_fn: Callable) -> dict[str, float]:
+        """One optimizer step over the micro-batches.
+
+        loss_fn(logprobs [B, S-1], entropy [B, S-1], batch) -> (loss, metrics) must already divide by the token (or
+        sequence) count of the WHOLE mini-batch; the schedule's averaging over micro-batches and DDP's over
+        data-parallel ranks are undone here, so gradients are those of the mini-batch loss.
+        """
+        from megatron.core import parallel_state as ps
+
+        scale = len(batches) * ps.get_data_parallel_world_size()
+
+        def stage_loss(output, batch):
+            logprobs, entropy = shifted_logprobs(output, batch["input_ids"], self.vocab_size,
+                                                 batch.get("temperature", 1.0))
+            loss, metrics = loss_fn(logprobs, entropy, batch)
+            reported = {"loss": loss, **metrics}
+            return loss * scale, {k: torch.tensor(float(torch.as_tensor(v).detach())) for k, v in reported.items()}
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = run_microbatches(self.model, batches, forward_only=False, loss_fn=stage_loss)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        metrics = {"actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "actor/lr": self.optimizer.param_groups[0]["lr"], "actor/update_skipped": float(not updated)}
+        for key in reports[0] if reports else ():
+            metrics[f"actor/{key}" if "/" not in key else key] = sum(float(r[key]) for r in reports) / len(reports)
+        return metrics
