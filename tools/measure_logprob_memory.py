@@ -21,38 +21,10 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mssr_megatron.ops import vocab_parallel_logprobs_entropy  # noqa: E402
-
-
-def _walk(nodes):
-    for node in nodes:
-        yield node
-        yield from _walk(node.children)
-
-
-def peak_allocated_bytes(fn):
-    """(peak net CPU bytes allocated while fn() runs, fn's result), from the profiler's allocation events.
-
-    Relies on `prof.profiler.kineto_results.experimental_event_tree()` (a semi-private API present in torch 2.x):
-    each allocation/free is a node tagged `_EventType.Allocation` with a signed `alloc_size`.
-    """
-    from torch._C._profiler import _EventType
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted(
-        (node.start_time_ns, node.extra_fields.alloc_size)
-        for node in _walk(prof.profiler.kineto_results.experimental_event_tree())
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu"
-    )
-    running = peak = 0
-    for _, size in events:
-        running += size
-        peak = max(peak, running)
-    return peak, result
+from mssr_megatron.profiling import peak_allocated_bytes  # noqa: E402
 
 
 def saved_bytes(fn, exclude: torch.Tensor):

@@ -1,0 +1,123 @@
+"""Trainer -> rollout engine weight sync: Megatron shards -> full HF-named tensors -> buckets -> engine.update_weights.
+
+Every rank of a pipeline group takes part; the OWNER of the group (pipeline stage 0, tensor-parallel rank 0: the
+rank that drives the node's engine) receives everything:
+  1. each stage gathers its tensor-parallel shards one parameter at a time and turns them into HF tensors through
+     the mapping table (`hf_bridge.export_hf_weights`);
+  2. stage 0's owner streams its own tensors, then receives those of stages 1..PP-1 in order, point to point from
+     each stage's TP-rank-0 (a header object, then the tensor), one tensor at a time;
+  3. the owner packs the stream into buckets of `bucket_bytes` (`buckets.stream_buckets`, one reused buffer) and
+     hands each to the engine before the next is built.
+Peak extra memory on the owner: one bucket plus one full parameter (and its TP shards while gathering).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from mssr_megatron.checkpoint.hf_bridge import export_hf_weights
+from mssr_megatron.checkpoint.mapping import ModelDims
+from mssr_megatron.rollout.buckets import WeightBucket, stream_buckets
+
+_END = None  # header that closes a stage's stream
+
+
+def _layout():
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 0, 1, None
+    return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_group())
+
+
+def is_weight_owner() -> bool:
+    """Whether this rank receives the full weights (pipeline stage 0, tensor-parallel rank 0)."""
+    tp_rank, pp_rank, _, _ = _layout()
+    return tp_rank == 0 and pp_rank == 0
+
+
+def export_full_weights(model, dims: ModelDims, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """On the owner: every (published HF name, full tensor) of the model, stage by stage. Other ranks send their
+    stage's tensors (or only help gather them) and yield nothing. Must be iterated to the end on every rank."""
+    tp_rank, pp_rank, pp_size, pp_group = _layout()
+    local = export_hf_weights(model, dims, dtype)
+    if pp_size == 1:
+        yield from (local if tp_rank == 0 else _drain(local))
+        return
+    owner = dist.get_global_rank(pp_group, 0)
+    if pp_rank == 0:
+        if tp_rank != 0:
+            _drain(local)
+            return
+        yield from local
+        for stage in range(1, pp_size):
+            src = dist.get_global_rank(pp_group, stage)
+            while (header := _recv_object(src)) is not _END:
+                name, shape, dtype_name = header
+                tensor = torch.empty(shape, dtype=getattr(torch, dtype_name))
+                dist.recv(tensor, src=src)
+                yield name, tensor
+        return
+    if tp_rank != 0:  # the other TP ranks of a later stage only help gather
+        _drain(local)
+        return
+    for name, tensor in local:
+        _send_object((name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")), owner)
+        dist.send(tensor.contiguous(), dst=owner)
+    _send_object(_END, owner)
+
+
+def _drain(iterator) -> list:
+    for _ in iterator:
+        pass
+    return []
+
+
+def _send_object(obj, dst: int) -> None:
+    dist.send_object_list([obj], dst=dst)
+
+
+def _recv_object(src: int):
+    box = [None]
+    dist.recv_object_list(box, src=src)
+    return box[0]
+
+
+def sync_weights(model, dims: ModelDims, engine, bucket_bytes: int, dtype: torch.dtype | None = None,
+                 verify: bool = False) -> dict[str, float]:
+    """Push the model's current weights into `engine` (on the owner; other ranks only send) and report
+    bytes, buckets, seconds and GB/s. verify=True compares the engine's checksums with what was sent."""
+    start = time.perf_counter()
+    sent: dict[str, str] = {}
+    total = count = 0
+
+    def buckets() -> Iterator[WeightBucket]:
+        nonlocal total, count
+        for bucket in stream_buckets(export_full_weights(model, dims, dtype), bucket_bytes):
+            total += bucket.nbytes
+            count += 1
+            if verify:
+                sent.update(bucket.checksums())
+            yield bucket
+
+    if is_weight_owner():
+        engine.update_weights(buckets())
+    else:
+        for _ in export_full_weights(model, dims, dtype):
+            pass
+    seconds = time.perf_counter() - start
+    metrics = {"sync/bytes": float(total), "sync/buckets": float(count), "sync/seconds": seconds,
+               "sync/gb_per_s": total / seconds / 1e9 if seconds > 0 else 0.0}
+    if verify and is_weight_owner():
+        held = engine.weight_checksums()
+        bad = sorted(name for name, digest in sent.items() if held.get(name) != digest)
+        if bad:
+            raise RuntimeError(f"weight sync verification failed for {len(bad)} tensors, e.g. {bad[:3]}")
+        metrics["sync/verified_tensors"] = float(len(sent))
+    return metrics
+
