@@ -64,12 +64,13 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def stream_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[WeightBucket]:
-    """Pack a stream of (name, tensor) into buckets of at most `bucket_bytes` (a larger tensor gets a bucket of its
-    own). Each tensor is copied into the bucket as it arrives and then let go, and ONE buffer is reused for every
-    bucket, so peak memory is one bucket plus the tensor being added.
+    """Pack a stream of (name, tensor) into buckets of at most `bucket_bytes`. Each tensor is copied into the bucket
+    as it arrives and then let go, and ONE buffer is reused for every bucket, so peak memory is one bucket plus the
+    tensor being added. A tensor larger than a bucket becomes a bucket of its own without a copy (a byte view).
 
-    Contract: a yielded bucket is valid until the next one is requested (engines copy it into their weights before
-    asking for more); use `pack` for buckets that must outlive the iteration.
+    Contract: a yielded bucket is valid until the next one is requested and may view the caller's tensors (the
+    trainer's parameters): engines copy it into their own weights before asking for more and never write to it.
+    Use `pack` for buckets that must outlive the iteration.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket size must be positive, got {bucket_bytes} bytes")
@@ -78,14 +79,15 @@ def stream_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_byt
     offset = 0
     for name, tensor in named_tensors:
         n = _nbytes(tensor)
-        if metadata and offset + n > bucket_bytes:
+        if metadata and (offset + n > bucket_bytes or buffer.device != tensor.device):
             yield WeightBucket(buffer[:offset], metadata)
             metadata, offset = [], 0
-        if buffer is None or buffer.numel() < max(n, offset + n) or buffer.device != tensor.device:
-            grown = torch.empty(max(bucket_bytes, n), dtype=torch.uint8, device=tensor.device)
-            if offset:
-                grown[:offset].copy_(buffer[:offset])
-            buffer = grown
+        if n > bucket_bytes:  # a bucket of its own, zero-copy: its bytes viewed in place
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            yield WeightBucket(data, [TensorMeta(name, tensor.shape, tensor.dtype, 0, n, n)])
+            continue
+        if buffer is None or buffer.device != tensor.device:
+            buffer = torch.empty(bucket_bytes, dtype=torch.uint8, device=tensor.device)
         buffer[offset : offset + n].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
         metadata.append(TensorMeta(name, tensor.shape, tensor.dtype, offset, offset + n, n))
         offset += n
