@@ -275,3 +275,21 @@ def test_memory_bound_bf16_chunked():
     assert m.saved <= 32 * n_tokens
     assert m.forward_peak <= 4 * chunk * vocab + small
     assert m.backward_peak <= 2 * n_tokens * vocab + 2 * 4 * chunk * vocab + small
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_masked_token_ids_match_a_reference_with_those_columns_removed(chunk):
+    """Blocked tokens (never sampled by the engine) leave the softmax: same values and gradients as dropping them."""
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 5, 12, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 8, (2, 5), generator=gen)
+    g_lp, g_h = torch.randn(2, 5, generator=gen, dtype=torch.float64), torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    masked = [8, 10]
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[masked + [11]] = False  # 11 is vocabulary padding (vocab_size=11)
+    ref_lp, ref_h, ref_grad = reference(logits[..., keep], target, g_lp=g_lp, g_h=g_h)  # targets < 8 keep their index
+    lp, h, grad = fused(logits, target, g_lp=g_lp, g_h=g_h, chunk_size=chunk, vocab_size=11, masked_token_ids=masked)
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(grad[..., keep], ref_grad)
+    assert torch.all(grad[..., ~keep] == 0)

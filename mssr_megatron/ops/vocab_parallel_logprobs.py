@@ -55,25 +55,27 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     return t
 
 
-def _scaled_into(buf: torch.Tensor, x: torch.Tensor, temperature: float, pad_from: int) -> torch.Tensor:
-    """buf [k, V_local] (compute dtype) <- x [k, V_local] / temperature, padded columns -inf. Returns buf."""
+def _scaled_into(buf: torch.Tensor, x: torch.Tensor, temperature: float, pad_from: int, masked=None) -> torch.Tensor:
+    """buf [k, V_local] (compute dtype) <- x [k, V_local] / temperature; padded and masked columns -inf."""
     buf.copy_(x)  # the upcast happens here, so bf16 logits are never divided in bf16
     if temperature != 1.0:
         buf.div_(temperature)
     if pad_from < buf.shape[-1]:
         buf[:, pad_from:] = float("-inf")  # padded vocabulary entries take no probability mass
+    if masked is not None:
+        buf.index_fill_(1, masked, float("-inf"))  # tokens the sampler blocks: the same distribution as the engine
     return buf
 
 
-def _probs_into(buf, x, lse, temperature, pad_from) -> torch.Tensor:
+def _probs_into(buf, x, lse, temperature, pad_from, masked) -> torch.Tensor:
     """buf [k, V_local] <- softmax probabilities p = exp(z - lse) of the local slice (global normaliser lse [k])."""
-    _scaled_into(buf, x, temperature, pad_from)
+    _scaled_into(buf, x, temperature, pad_from, masked)
     return buf.sub_(lse.unsqueeze(-1)).exp_()
 
 
-def _chunk_stats(buf, x, tloc, owned, temperature, pad_from, group):
+def _chunk_stats(buf, x, tloc, owned, temperature, pad_from, masked, group):
     """Per-token (lse, logp[target], H), each [k], for the chunk x [k, V_local]; buf [k, V_local] is scratch."""
-    _scaled_into(buf, x, temperature, pad_from)
+    _scaled_into(buf, x, temperature, pad_from, masked)
     m = buf.amax(dim=-1)  # a rank whose slice is all padding gives -inf here; MAX over ranks fixes it
     _all_reduce(m, dist.ReduceOp.MAX, group)
     buf.sub_(m.unsqueeze(-1))  # s = z - m <= 0: exp cannot overflow
@@ -113,7 +115,7 @@ class VocabParallelLogprobsEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, group, vocab_start, pad_from, temperature, chunk_size):
+    def forward(ctx, logits, target, group, vocab_start, pad_from, masked, temperature, chunk_size):
         v_local = logits.shape[-1]
         x = logits.reshape(-1, v_local)  # a view for contiguous logits
         n = x.shape[0]
@@ -127,16 +129,16 @@ class VocabParallelLogprobsEntropy(torch.autograd.Function):
         for i in range(0, n, rows):
             j = min(i + rows, n)
             lse[i:j], logp[i:j], ent[i:j] = _chunk_stats(
-                buf[: j - i], x[i:j], tloc[i:j], owned[i:j], temperature, pad_from, group
+                buf[: j - i], x[i:j], tloc[i:j], owned[i:j], temperature, pad_from, masked, group
             )
         if chunk_size is None:
             # Refill the same buffer with p (what backward needs) instead of keeping the input logits.
-            ctx.save_for_backward(_probs_into(buf, x, lse, temperature, pad_from), tloc, owned, ent)
+            ctx.save_for_backward(_probs_into(buf, x, lse, temperature, pad_from, masked), tloc, owned, ent)
         else:
             del buf  # chunk scratch only; backward recomputes p from the input logits
             ctx.save_for_backward(logits, lse, tloc, owned, ent)
         ctx.chunked = chunk_size is not None
-        ctx.rows, ctx.temperature, ctx.pad_from = rows, temperature, pad_from
+        ctx.rows, ctx.temperature, ctx.pad_from, ctx.masked = rows, temperature, pad_from, masked
         ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
         ctx.set_materialize_grads(False)  # a None upstream gradient skips its term instead of adding zeros
         return logp.view(target.shape), ent.view(target.shape)
@@ -145,7 +147,7 @@ class VocabParallelLogprobsEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_logp, g_ent):
         if g_logp is None and g_ent is None:
-            return (None,) * 7
+            return (None,) * 8
         if ctx.chunked:
             logits, lse, tloc, owned, ent = ctx.saved_tensors
             x = logits.reshape(-1, logits.shape[-1])
@@ -170,14 +172,14 @@ class VocabParallelLogprobsEntropy(torch.autograd.Function):
         for i in range(0, n, rows):
             j = min(i + rows, n)
             if ctx.chunked:
-                p = _probs_into(work[: j - i], x[i:j], lse[i:j], t, ctx.pad_from)
+                p = _probs_into(work[: j - i], x[i:j], lse[i:j], t, ctx.pad_from, ctx.masked)
             else:
                 p = probs[i:j]
             out = grad2[i:j] if scratch is None else scratch[: j - i]
             _grad_into(out, p, a[i:j], None if b is None else b[i:j], None if c is None else c[i:j], tloc[i:j])
             if scratch is not None:
                 grad2[i:j].copy_(out)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs_entropy(
@@ -189,6 +191,7 @@ def vocab_parallel_logprobs_entropy(
     chunk_size: int | None = None,
     vocab_start_index: int | None = None,
     vocab_size: int | None = None,
+    masked_token_ids: torch.Tensor | list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target-token log-probs and full-vocabulary entropy of softmax(logits / temperature), vocabulary-parallel.
 
@@ -200,6 +203,8 @@ def vocab_parallel_logprobs_entropy(
       [chunk_size, V_local] and nothing logits-sized is saved; None processes all tokens at once and saves p.
     vocab_start_index: global id of this slice's first column; default rank * V_local.
     vocab_size: true vocabulary size; columns with global id >= vocab_size (TP padding) are excluded.
+    masked_token_ids: global ids excluded from the softmax as well (tokens the rollout engine never samples, so the
+      trainer's distribution is the engine's); their logits get no gradient.
     Returns (logprobs [...], entropy [...]) in float32 (float64 for float64 logits); both carry gradients.
     """
     if target.shape != logits.shape[:-1]:
@@ -215,6 +220,11 @@ def vocab_parallel_logprobs_entropy(
     v_local = logits.shape[-1]
     start = rank * v_local if vocab_start_index is None else int(vocab_start_index)
     pad_from = v_local if vocab_size is None else max(0, min(v_local, int(vocab_size) - start))
+    masked = None
+    if masked_token_ids is not None and len(masked_token_ids):
+        ids = torch.as_tensor(masked_token_ids, dtype=torch.long, device=logits.device) - start
+        ids = ids[(ids >= 0) & (ids < v_local)]
+        masked = ids if ids.numel() else None
     return VocabParallelLogprobsEntropy.apply(
-        logits, target, group, start, pad_from, float(temperature), chunk_size
+        logits, target, group, start, pad_from, masked, float(temperature), chunk_size
     )

@@ -1,0 +1,90 @@
+"""One RL step's rollouts as training tensors, and their split into Megatron micro-batches.
+
+Rows are rollouts (B). Sequences are prompt + response, right-padded to a common length L. Per-token tensors are
+aligned with the shifted log-probs the actor returns: column t holds token t + 1, predicted from position t, so
+they are [B, L-1]; `response_mask` marks the response tokens there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mssr_megatron.models.rope_index import mrope_position_ids
+
+
+@dataclass
+class Experience:
+    """prompt_keys: the stable prompt id of each rollout (B); group_index [B]: rollouts of one prompt share it;
+    rewards [B]; input_ids [B, L]; position_ids [3, B, L]; response_mask, rollout_logprobs [B, L-1];
+    pixel_values: per row [patches_i, C*T*P*P] (or None without images); image_grid_thw: per row [images_i, 3]."""
+
+    prompt_keys: list
+    group_index: torch.Tensor
+    rewards: torch.Tensor
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    pixel_values: list = field(default_factory=list)
+    image_grid_thw: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def microbatches(self, rows: torch.Tensor | list[int], micro_batch_size: int) -> list[dict]:
+        """Micro-batches of the given rows (same [micro_batch_size, L] shape each, as pipeline stages need).
+        Each carries `rows` (indices into this Experience) so a loss can pick its per-token tensors."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if len(rows) % micro_batch_size:
+            raise ValueError(f"{len(rows)} rows do not split into micro-batches of {micro_batch_size}")
+        batches = []
+        for part in rows.split(micro_batch_size):
+            batch = {"input_ids": self.input_ids[part], "position_ids": self.position_ids[:, part], "rows": part}
+            pixels = [self.pixel_values[i] for i in part.tolist() if self.pixel_values and self.pixel_values[i] is not None]
+            if pixels:
+                batch["pixel_values"] = torch.cat(pixels)
+                batch["image_grid_thw"] = torch.cat([self.image_grid_thw[i] for i in part.tolist()
+                                                     if self.image_grid_thw[i] is not None])
+            batches.append(batch)
+        return batches
+
+
+def build_experience(rollouts, rewards, prompt_keys, group_index, images, *, image_token_id: int,
+                     spatial_merge_size: int, pad_id: int, pad_to_multiple: int = 8) -> Experience:
+    """Tensors for a list of Rollouts.
+
+    rewards [B]; prompt_keys (B stable prompt ids); group_index [B]; images: per rollout (pixel_values, grid) from the
+    image processor, or None. Sequences are right-padded to a multiple of `pad_to_multiple` (fewer distinct shapes).
+    """
+    lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+    longest = max(lengths) if lengths else 1
+    width = -(-longest // pad_to_multiple) * pad_to_multiple
+    batch = len(rollouts)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros(batch, width, dtype=torch.long)
+    response_mask = torch.zeros(batch, width - 1)
+    rollout_logprobs = torch.zeros(batch, width - 1)
+    for i, r in enumerate(rollouts):
+        p, n = len(r.prompt_ids), len(r.response_ids)
+        input_ids[i, : p + n] = torch.tensor(list(r.prompt_ids) + list(r.response_ids), dtype=torch.long)
+        attention[i, : p + n] = 1
+        if n:  # response token j sits at p + j and is predicted from column p + j - 1
+            response_mask[i, p - 1 : p - 1 + n] = 1
+            rollout_logprobs[i, p - 1 : p - 1 + n] = torch.tensor(r.response_logprobs, dtype=torch.float32)
+    grids = [img[1] if img is not None else None for img in images]
+    stacked = [g for g in grids if g is not None]
+    position_ids = mrope_position_ids(input_ids, torch.cat(stacked) if stacked else None, image_token_id,
+                                      spatial_merge_size, attention)
+    return Experience(
+        prompt_keys=list(prompt_keys),
+        group_index=torch.as_tensor(group_index, dtype=torch.long),
+        rewards=torch.as_tensor(rewards, dtype=torch.float32),
+        input_ids=input_ids,
+        position_ids=position_ids,
+        response_mask=response_mask,
+        rollout_logprobs=rollout_logprobs,
+        pixel_values=[img[0] if img is not None else None for img in images],
+        image_grid_thw=grids,
+    )
