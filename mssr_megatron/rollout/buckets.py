@@ -1,9 +1,13 @@
 """Weight buckets: many named tensors packed into one flat byte buffer, the layout SGLang's
 `FlattenedTensorBucket` (load_format="flattened_bucket") reconstructs.
 
-Layout: tensors are laid end to end as raw bytes (row-major, no padding) in a uint8 tensor; for each one the
-metadata holds (name, shape, dtype, start byte, end byte, byte count). `BucketBuilder` writes tensors straight into a
-reused buffer, so streaming a whole model costs one bucket plus the one tensor being added, never a second copy.
+Layout: tensors are laid end to end as raw bytes (row-major) in a uint8 tensor; for each one the metadata holds
+(name, shape, dtype, start byte, end byte, byte count). Each tensor starts at a multiple of its element size (at most
+itemsize - 1 zero bytes of padding before it): SGLang rebuilds a tensor as `flat[start:end].view(dtype)`, which torch
+refuses at a misaligned byte offset (e.g. a float32 after three bfloat16 values). A bucket that needs no padding
+(e.g. one dtype) has exactly the unpadded layout of SGLang's `FlattenedTensorBucket.empty`, the receive buffer of
+update_weights_from_distributed. `BucketBuilder` writes tensors straight into a reused buffer, so streaming a whole
+model costs one bucket plus the one tensor being added, never a second copy.
 """
 
 from __future__ import annotations
@@ -63,6 +67,12 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _aligned(offset: int, tensor: torch.Tensor) -> int:
+    """The first byte offset >= `offset` at which `tensor` can be viewed from a uint8 buffer (see module docstring)."""
+    size = tensor.element_size()
+    return -(-offset // size) * size
+
+
 def stream_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[WeightBucket]:
     """Pack a stream of (name, tensor) into buckets of at most `bucket_bytes`. Each tensor is copied into the bucket
     as it arrives and then let go, and ONE buffer is reused for every bucket, so peak memory is one bucket plus the
@@ -79,18 +89,20 @@ def stream_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_byt
     offset = 0
     for name, tensor in named_tensors:
         n = _nbytes(tensor)
-        if metadata and (offset + n > bucket_bytes or buffer.device != tensor.device):
+        start = _aligned(offset, tensor)
+        if metadata and (start + n > bucket_bytes or buffer.device != tensor.device):
             yield WeightBucket(buffer[:offset], metadata)
-            metadata, offset = [], 0
+            metadata, offset, start = [], 0, 0
         if n > bucket_bytes:  # a bucket of its own, zero-copy: its bytes viewed in place
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
             yield WeightBucket(data, [TensorMeta(name, tensor.shape, tensor.dtype, 0, n, n)])
             continue
         if buffer is None or buffer.device != tensor.device:
             buffer = torch.empty(bucket_bytes, dtype=torch.uint8, device=tensor.device)
-        buffer[offset : offset + n].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
-        metadata.append(TensorMeta(name, tensor.shape, tensor.dtype, offset, offset + n, n))
-        offset += n
+        buffer[offset:start].zero_()  # alignment padding: deterministic bytes
+        buffer[start : start + n].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+        metadata.append(TensorMeta(name, tensor.shape, tensor.dtype, start, start + n, n))
+        offset = start + n
         del tensor
     if metadata:
         yield WeightBucket(buffer[:offset], metadata)
@@ -100,12 +112,12 @@ def pack(named_tensors: list[tuple[str, torch.Tensor]]) -> WeightBucket:
     """One bucket holding these tensors (copied into a fresh buffer on the first tensor's device)."""
     if not named_tensors:
         raise ValueError("cannot pack an empty weight bucket")
-    total = sum(_nbytes(t) for _, t in named_tensors)
-    flat = torch.empty(total, dtype=torch.uint8, device=named_tensors[0][1].device)
     metadata, offset = [], 0
     for name, tensor in named_tensors:
-        n = _nbytes(tensor)
-        flat[offset : offset + n].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
-        metadata.append(TensorMeta(name, tensor.shape, tensor.dtype, offset, offset + n, n))
-        offset += n
+        start = _aligned(offset, tensor)
+        metadata.append(TensorMeta(name, tensor.shape, tensor.dtype, start, start + _nbytes(tensor), _nbytes(tensor)))
+        offset = start + _nbytes(tensor)
+    flat = torch.zeros(offset, dtype=torch.uint8, device=named_tensors[0][1].device)
+    for meta, (_, tensor) in zip(metadata, named_tensors):
+        flat[meta.start_idx : meta.end_idx].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
     return WeightBucket(flat, metadata)
