@@ -99,6 +99,8 @@ DEVICE_LITERAL_MODULES = (
     "megatron.core.distributed.distributed_data_parallel",  # DDP streams and syncs
     "megatron.core.optimizer.optimizer",  # found_inf / scale tensors on device="cuda"
     "megatron.core.optimizer.clip_grads",  # grad-norm reductions on device="cuda"
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",  # save: torch.cuda.synchronize() after staging
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save: failure flag on torch.cuda.current_device()
 )
 
 PATCHES = (

@@ -24,13 +24,23 @@ from mssr_megatron.ops import vocab_parallel_logprobs_entropy
 _LR_STYLES = {"constant": "constant", "cosine": "cosine", "linear": "linear"}
 
 
-def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, temperature: float = 1.0):
-    """Log-prob and full-vocabulary entropy of each next token: logits [B, S, V/TP] -> two [B, S-1] tensors."""
+def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, temperature: float = 1.0,
+                     masked_token_ids=None):
+    """Log-prob and full-vocabulary entropy of each next token: logits [B, S, V/TP] -> two [B, S-1] tensors.
+    masked_token_ids: tokens the rollout engine never samples, left out of the softmax as the engine does."""
     from megatron.core import parallel_state as ps
 
     group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
+    targets = input_ids[:, 1:]
+    if masked_token_ids is not None and len(masked_token_ids):
+        # Prompts hold blocked tokens (<|image_pad|>, padding) whose log-prob is -inf under the engine's
+        # distribution; those positions carry no loss, so any allowed id keeps them finite (0 * -inf would be NaN).
+        masked = torch.as_tensor(masked_token_ids, dtype=targets.dtype)
+        allowed = next(i for i in range(len(masked_token_ids) + 1) if i not in set(masked_token_ids))
+        targets = torch.where(torch.isin(targets, masked), torch.full_like(targets, allowed), targets)
     return vocab_parallel_logprobs_entropy(
-        logits[:, :-1], input_ids[:, 1:], tp_group=group, temperature=temperature, vocab_size=vocab_size
+        logits[:, :-1], targets, tp_group=group, temperature=temperature, vocab_size=vocab_size,
+        masked_token_ids=masked_token_ids,
     )
 
 
@@ -45,6 +55,7 @@ class MegatronActor:
             hf_config, padded_vocab_size(self.vocab_size, ps.get_tensor_model_parallel_world_size())
         )
         self.optimizer = self.scheduler = None
+        self.nonfinite: str | None = None  # what was non-finite in the last train_step (it was then skipped)
         self.model = module
         if optim_cfg is not None:
             self._setup_training(module, optim_cfg, total_optimizer_steps)
@@ -92,14 +103,16 @@ class MegatronActor:
         return consumed
 
     @torch.no_grad()
-    def token_logprobs(self, batches: list[dict], temperature: float = 1.0) -> list[tuple[torch.Tensor, ...]]:
+    def token_logprobs(self, batches: list[dict], temperature: float = 1.0,
+                       masked_token_ids=None) -> list[tuple[torch.Tensor, ...]]:
         """Per micro-batch (logprobs [B, S-1], entropy [B, S-1]) on the last pipeline stage; [] elsewhere."""
         self.model.eval()
         outputs = run_microbatches(self.model, batches, forward_only=True)
-        return [shifted_logprobs(out, b["input_ids"], self.vocab_size, temperature) for out, b in
-                zip(outputs, batches)]
+        return [shifted_logprobs(out, b["input_ids"], self.vocab_size, temperature, masked_token_ids)
+                for out, b in zip(outputs, batches)]
 
-    def train_step(self, batches: list[dict], loss_fn: Callable) -> dict[str, float]:
+    def train_step(self, batches: list[dict], loss_fn: Callable, temperature: float = 1.0,
+                   masked_token_ids=None) -> dict[str, float]:
         """One optimizer step over the micro-batches.
 
         loss_fn(logprobs [B, S-1], entropy [B, S-1], batch) -> (loss, metrics) must already divide by the token (or
@@ -111,8 +124,8 @@ class MegatronActor:
         scale = len(batches) * ps.get_data_parallel_world_size()
 
         def stage_loss(output, batch):
-            logprobs, entropy = shifted_logprobs(output, batch["input_ids"], self.vocab_size,
-                                                 batch.get("temperature", 1.0))
+            logprobs, entropy = shifted_logprobs(output, batch["input_ids"], self.vocab_size, temperature,
+                                                 masked_token_ids)
             loss, metrics = loss_fn(logprobs, entropy, batch)
             reported = {"loss": loss, **metrics}
             return loss * scale, {k: torch.tensor(float(torch.as_tensor(v).detach())) for k, v in reported.items()}
@@ -121,7 +134,11 @@ class MegatronActor:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = run_microbatches(self.model, batches, forward_only=False, loss_fn=stage_loss)
-        updated, grad_norm, _ = self.optimizer.step()
+        self.nonfinite = self._find_nonfinite(reports)
+        if self.nonfinite is None:
+            updated, grad_norm, _ = self.optimizer.step()
+        else:  # skip the update: a NaN/Inf step must not reach the weights
+            updated, grad_norm = False, float("nan")
         if updated:
             self.scheduler.step(increment=1)
         metrics = {"actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -129,3 +146,25 @@ class MegatronActor:
         for key in reports[0] if reports else ():
             metrics[f"actor/{key}" if "/" not in key else key] = sum(float(r[key]) for r in reports) / len(reports)
         return metrics
+
+    def _find_nonfinite(self, reports) -> str | None:
+        """Name of the first non-finite thing of this step (the loss, or a parameter's gradient), agreed by all
+        ranks; None when everything is finite."""
+        import torch.distributed as dist
+
+        found = None
+        if any(not torch.isfinite(r["loss"]).all() for r in reports):
+            found = "loss"
+        else:
+            for name, param in self.module.named_parameters():
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                if grad is not None and not torch.isfinite(grad).all():
+                    found = f"gradient of {name}"
+                    break
+        flag = torch.tensor([0.0 if found is None else 1.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and found is None:
+            found = "a tensor on another rank"
+        return found

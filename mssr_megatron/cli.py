@@ -2,6 +2,11 @@
 
     mssr demo  [--steps N] [--estimators mssr,grpo,...] [--out DIR] [key=value ...]   algorithms end to end on a toy task
     mssr config [CONFIG] [key=value ...] [--fields]                                   print the resolved, validated config
+    mssr convert --to {megatron,hf} --input DIR --output DIR [--tp N] [--pp N] [--dtype D] [--overwrite]
+                                                          checkpoints HF <-> Megatron (= tools/convert_checkpoint.py)
+    mssr make-tiny [--out runs/tiny]                      the embedded default: tiny Qwen2.5-VL + synthetic data
+    mssr train CONFIG [key=value ...]                     RL training (torchrun/srun for several processes)
+    mssr plot RUN_DIR [RUN_DIR ...] [--out DIR]           PNG curves, several runs overlaid
 """
 
 from __future__ import annotations
@@ -28,6 +33,55 @@ def _demo(args: argparse.Namespace) -> int:
     print(format_table(curves))
     print(f"curves: {args.out}/toy_task.json, plot: {args.out}/toy_task.png")
     return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from mssr_megatron.warmstart import TinySetup, make_tiny
+
+    _setup_logging()
+    manifest = make_tiny(TinySetup(out_dir=args.out, seed=args.seed))
+    history = [h for h in manifest["warm_start"] if "val_greedy_accuracy" in h]
+    print(f"tiny model: {manifest['model_dir']} (warm start stopped at greedy validation accuracy "
+          f"{history[-1]['val_greedy_accuracy']:.3f}; always-the-most-common-answer floor "
+          f"{manifest['val_floor_accuracy']:.3f})")
+    print(f"data: {manifest['train_path']}, {manifest['val_path']}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mssr_megatron.config import load_config
+    from mssr_megatron.trainer import train
+
+    _setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from mssr_megatron.plots import plot_runs
+
+        figures = plot_runs([cfg.trainer.output_dir], os.path.join(cfg.trainer.output_dir, "plots"))
+        print(f"run: {cfg.trainer.output_dir}  (metrics.jsonl, summary.json, config.yaml)")
+        print(f"validation accuracy: {summary.get('initial_val_accuracy')} at the start -> "
+              f"{summary.get('final_val_accuracy')} at the end (best {summary.get('best_val_accuracy')})")
+        print(f"plots: {os.path.join(cfg.trainer.output_dir, 'plots')} ({len(figures)} figures)")
+        print(f"checkpoints: {cfg.checkpoint_dir}" + (f"; Hugging Face export: {summary['hf_export']}"
+                                                         if summary.get("hf_export") else ""))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from mssr_megatron.plots import main_plot
+
+    return main_plot(args.plot_args)
+
+
+def _setup_logging() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")  # megatron's CPU fallback notices
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("mssr").setLevel(logging.INFO if rank == "0" else logging.WARNING)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -59,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=2e-6")
     config.add_argument("--fields", action="store_true", help="list every config key with its type and docstring")
     config.set_defaults(func=_config)
+
+    tiny = sub.add_parser("make-tiny", help="build the embedded default: tiny Qwen2.5-VL, synthetic data, warm start")
+    tiny.add_argument("--out", default="runs/tiny", help="output directory (default runs/tiny; reused when present)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of data, weights and warm start (default 0)")
+    tiny.set_defaults(func=_make_tiny)
+
+    train = sub.add_parser("train", help="RL training (MSSR or a baseline) on Megatron-Core")
+    train.add_argument("config", help="YAML config, e.g. examples/configs/tiny_cpu.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algorithm.estimator=grpo")
+    train.set_defaults(func=_train)
+
+    plot = sub.add_parser("plot", help="draw PNG curves of one or more runs (run `mssr plot -- --help` for options)",
+                          add_help=False)
+    plot.add_argument("plot_args", nargs=argparse.REMAINDER, help="run directories and plot options")
+    plot.set_defaults(func=_plot)
+
+    from mssr_megatron.checkpoint.convert_cli import add_convert_arguments
+
+    add_convert_arguments(sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron "
+                                                         "(any TP/PP)"))
     return parser
 
 
@@ -68,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, KeyError) as exc:
+    except (ConfigError, KeyError, FileNotFoundError, ValueError) as exc:
+        # Bad input (config, paths, data, layouts): one line that names the problem. MSSR_TRACEBACK=1 shows more.
+        if os.environ.get("MSSR_TRACEBACK"):
+            raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"mssr {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -116,6 +116,8 @@ class RolloutConfig:
     """Sampling temperature for validation (0 = greedy)."""
     val_max_new_tokens: int | None = None
     """Maximum response length for validation; null = max_new_tokens."""
+    hf_batch_size: int = 64
+    """HF engine only: rollouts decoded together in one generate call (SGLang and vLLM batch by themselves)."""
 
 
 @dataclass

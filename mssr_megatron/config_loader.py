@@ -347,7 +347,7 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
     a, b = cfg.algorithm, cfg.algorithm.baseline
     _positive(cfg, "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
               "parallel.micro_batch_size", "rollout.n", "rollout.max_new_tokens", "rollout.engine_tp_size",
-              "rollout.weight_bucket_mb", "rollout.val_max_new_tokens", "rollout.temperature",
+              "rollout.weight_bucket_mb", "rollout.val_max_new_tokens", "rollout.temperature", "rollout.hf_batch_size",
               "algorithm.shaping_kappa", "algorithm.norm_var_floor", "algorithm.baseline.kl_target",
               "algorithm.baseline.kl_window", "algorithm.baseline.spo_d_half", "algorithm.baseline.n0",
               "optimizer.lr", "optimizer.adam_eps", "optimizer.mini_batch_size", "optimizer.ppo_epochs",

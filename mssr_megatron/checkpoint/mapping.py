@@ -64,7 +64,7 @@ class ColumnParallel(Mapping):
         return _split(hf[0], 0, rank, size)
 
     def to_hf(self, shards, dims):
-        return [torch.cat(shards, 0)]
+        return [_cat(shards, 0)]
 
 
 class RowParallel(Mapping):
@@ -72,7 +72,7 @@ class RowParallel(Mapping):
         return _split(hf[0], 1, rank, size)
 
     def to_hf(self, shards, dims):
-        return [torch.cat(shards, 1)]
+        return [_cat(shards, 1)]
 
 
 class VocabParallel(Mapping):
@@ -83,7 +83,7 @@ class VocabParallel(Mapping):
         return _split(padded, 0, rank, size)
 
     def to_hf(self, shards, dims):
-        return [torch.cat(shards, 0)[: dims.vocab_size]]
+        return [_cat(shards, 0)[: dims.vocab_size]]
 
 
 class QKVFused(Mapping):
@@ -103,7 +103,7 @@ class QKVFused(Mapping):
 
     def to_hf(self, shards, dims):
         groups, per_group = dims.num_query_groups, dims.num_heads // dims.num_query_groups
-        fused = torch.cat(shards, 0)
+        fused = _cat(shards, 0)
         tail = fused.shape[1:]
         fused = fused.reshape(groups, (per_group + 2) * dims.head_dim, *tail)
         q, k, v = fused.split([per_group * dims.head_dim, dims.head_dim, dims.head_dim], dim=1)
@@ -118,6 +118,11 @@ class GatedMLP(Mapping):
     def to_hf(self, shards, dims):
         halves = [s.chunk(2, 0) for s in shards]
         return [torch.cat([h[0] for h in halves], 0), torch.cat([h[1] for h in halves], 0)]
+
+
+def _cat(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat, without the copy when there is a single shard (TP=1: the export then holds no second copy)."""
+    return shards[0] if len(shards) == 1 else torch.cat(shards, dim)
 
 
 def _split(tensor: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
@@ -150,6 +155,19 @@ TE_NAME_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
+
+
+# transformers 5 holds (and may save) the published names under other prefixes; this is the one rule mapping them back.
+HF_IN_MEMORY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def published_name(hf_name: str) -> str:
+    """The published name of an HF tensor: `model.language_model.X` -> `model.X`, `model.visual.X` -> `visual.X`;
+    published names (and `lm_head.weight`) are returned unchanged, so both checkpoint layouts are accepted."""
+    for prefix, published in HF_IN_MEMORY_PREFIXES:
+        if hf_name.startswith(prefix):
+            return published + hf_name[len(prefix):]
+    return hf_name
 
 
 def _pattern(name: str, layer_only: bool) -> re.Pattern:

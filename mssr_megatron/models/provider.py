@@ -16,17 +16,23 @@ import torch
 from mssr_megatron.models.qwen2_5_vl import Qwen2_5_VLMegatron
 
 
+def check_layout(hf_config, tp: int, pp: int) -> None:
+    """TP must divide the attention and key/value heads, PP the layers: a clear error before anything is built."""
+    text = hf_config.text_config
+    if text.num_attention_heads % tp or text.num_key_value_heads % tp:
+        raise ValueError(f"parallel.tensor_model_parallel_size={tp} must divide the model's attention heads "
+                         f"({text.num_attention_heads}) and key/value heads ({text.num_key_value_heads})")
+    if text.num_hidden_layers % pp:
+        raise ValueError(f"parallel.pipeline_model_parallel_size={pp} must divide the model's "
+                         f"{text.num_hidden_layers} layers")
+
+
 def build_model(hf_config, model_cfg) -> Qwen2_5_VLMegatron:
     """The Qwen2.5-VL stage of this rank (vision tower on the first stage, output layer on the last)."""
     from megatron.core import parallel_state as ps
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    text = hf_config.text_config
-    if text.num_attention_heads % tp or text.num_key_value_heads % tp:
-        raise ValueError(f"tensor parallel size {tp} must divide the attention heads ({text.num_attention_heads}) "
-                         f"and the key/value heads ({text.num_key_value_heads})")
-    if text.num_hidden_layers % pp:
-        raise ValueError(f"pipeline parallel size {pp} must divide the number of layers ({text.num_hidden_layers})")
+    check_layout(hf_config, tp, pp)
     return Qwen2_5_VLMegatron(
         hf_config, model_cfg, tp=tp, pp=pp,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),

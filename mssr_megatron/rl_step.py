@@ -1,0 +1,170 @@
+"""The pieces of one RL step, each one call from the loop in trainer.py.
+
+Per-token tensors are [B, L-1] (see experience.py); B is the step's rollouts (prompts_per_step * n).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from mssr_megatron.algorithms.losses import kl_penalty, masked_mean
+from mssr_megatron.experience import Experience, build_experience
+from mssr_megatron.rollout.logprob_agreement import logprob_mismatch
+from mssr_megatron.rollout.protocol import SamplingParams
+from mssr_megatron.run_context import RunContext, broadcast_object
+
+
+def sampling_params(ctx: RunContext, *, validation: bool = False, seed: int | None = None) -> SamplingParams:
+    r = ctx.cfg.rollout
+    return SamplingParams(
+        temperature=r.val_temperature if validation else r.temperature,
+        top_p=1.0 if validation else r.top_p,
+        top_k=-1 if validation else r.top_k,
+        max_new_tokens=(r.val_max_new_tokens or r.max_new_tokens) if validation else r.max_new_tokens,
+        stop=list(r.stop), n=1 if validation else r.n, seed=seed,
+    )
+
+
+def generate(ctx: RunContext, records, sampling: SamplingParams):
+    """Rollouts for the records (n per record, flat, record order) on the driver, broadcast to every rank."""
+    from mssr_megatron.data.prompts import build_request
+
+    rollouts = None
+    if ctx.is_driver:
+        requests = [build_request(rec, ctx.cfg.data.prompt_template, ctx.processor, request_id=f"{i}")
+                    for i, rec in enumerate(records)]
+        rollouts = ctx.engine.generate(requests, sampling)
+    return broadcast_object(rollouts)
+
+
+def grade(ctx: RunContext, records, rollouts) -> tuple[list[float], dict[str, float]]:
+    """Rewards per rollout (driver grades in its worker pool; broadcast) and reward metrics."""
+    result = None
+    if ctx.is_driver:
+        answers = [records[int(r.request_id)].answer for r in rollouts]
+        scores = ctx.grader.score([r.text for r in rollouts], answers, ctx.cfg.data.format_reward_weight)
+        metrics = scores.as_metrics()
+        metrics["rollout/error_frac"] = sum(r.finish_reason == "error" for r in rollouts) / max(len(rollouts), 1)
+        metrics["rollout/truncated_frac"] = sum(r.finish_reason == "length" for r in rollouts) / max(len(rollouts), 1)
+        metrics["rollout/response_length"] = sum(len(r.response_ids) for r in rollouts) / max(len(rollouts), 1)
+        result = (scores.scores, metrics)
+    return broadcast_object(result)
+
+
+def make_experience(ctx: RunContext, records, rollouts, rewards) -> Experience:
+    """Training tensors for the step; the images go through the processor once per prompt."""
+    images_cache: dict[int, tuple] = {}
+    images = []
+    for r in rollouts:
+        index = int(r.request_id)
+        if index not in images_cache:
+            images_cache[index] = _pixel_values(ctx, records[index])
+        images.append(images_cache[index])
+    return build_experience(
+        rollouts, rewards, [records[int(r.request_id)].prompt_id for r in rollouts],
+        [int(r.request_id) for r in rollouts], images,
+        image_token_id=ctx.hf_config.image_token_id,
+        spatial_merge_size=ctx.hf_config.vision_config.spatial_merge_size,
+        pad_id=ctx.processor.tokenizer.pad_token_id,
+    )
+
+
+def _pixel_values(ctx: RunContext, record):
+    if not record.images:
+        return None
+    from mssr_megatron.data.images import decode_images
+
+    out = ctx.processor.image_processor(images=decode_images(record.images), return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def data_parallel_rows(ctx: RunContext, num_rows: int) -> torch.Tensor:
+    """This data-parallel replica's rows: a contiguous slice of the step's rollouts."""
+    from megatron.core import parallel_state as ps
+
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per = num_rows // dp
+    return torch.arange(rank * per, (rank + 1) * per)
+
+
+def token_logprobs(ctx: RunContext, actor, exp: Experience, rows: torch.Tensor, temperature: float):
+    """(logprobs, entropy), each [len(rows), L-1], on the last pipeline stage; (None, None) elsewhere."""
+    batches = exp.microbatches(rows, ctx.cfg.parallel.micro_batch_size)
+    outputs = actor.token_logprobs(batches, temperature, masked_token_ids=ctx.blocked_ids)
+    if not outputs:
+        return None, None
+    return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+
+def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logprobs, ref_logprobs):
+    """Mini-batched PPO updates over this replica's rows (gradient accumulation over micro-batches). Returns metrics.
+
+    advantages, old/ref log-probs: [len(rows), L-1] on the last stage (None elsewhere).
+    """
+    from megatron.core import parallel_state as ps
+
+    cfg = ctx.cfg
+    temperature = cfg.rollout.temperature
+    local_mini = cfg.optimizer.mini_batch_size // ps.get_data_parallel_world_size()
+    mask = exp.response_mask[rows]
+    metrics: list[dict[str, float]] = []
+    for _ in range(cfg.optimizer.ppo_epochs):
+        for start in range(0, len(rows), local_mini):
+            part = torch.arange(start, start + local_mini)
+            tokens = _global_count(mask[part])
+            normalizer = tokens if cfg.algorithm.loss_agg_mode == "token-mean" else _global_count(
+                (mask[part].sum(-1) > 0).float())
+            position = {int(r): i for i, r in enumerate(rows.tolist())}
+
+            def loss_fn(logprobs, entropy, batch, part=part):
+                local = torch.tensor([position[int(r)] for r in batch["rows"]])
+                ref = None if ref_logprobs is None else ref_logprobs[local]
+                return ctx.algo.loss(logprobs, old_logprobs[local], advantages[local], mask[local],
+                                     ref_logprobs=ref, entropy=entropy, normalizer=normalizer)
+
+            batches = exp.microbatches(rows[part], cfg.parallel.micro_batch_size)
+            metrics.append(ctx.actor.train_step(batches, loss_fn, temperature, masked_token_ids=ctx.blocked_ids))
+    keys = set().union(*metrics) if metrics else set()
+    return {k: sum(m.get(k, 0.0) for m in metrics) / len(metrics) for k in keys}
+
+
+def _global_count(mask: torch.Tensor) -> float:
+    """Sum of a 0/1 mask over all data-parallel replicas (the loss normaliser of a mini-batch)."""
+    from megatron.core import parallel_state as ps
+
+    total = mask.sum().to(torch.float64).reshape(1)
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return float(total)
+
+
+def from_last_stage(value):
+    """A Python value computed on the last pipeline stage, on every rank of the pipeline group."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    box = [value]
+    src = dist.get_global_rank(ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size() - 1)
+    dist.broadcast_object_list(box, src=src, group=ps.get_pipeline_model_parallel_group())
+    return box[0]
+
+
+def kl_and_mismatch(old_logprobs, ref_logprobs, rollout_logprobs, mask) -> dict[str, float]:
+    """Step KL(old || ref) (k3, token mean: the kl_window rule's input) and engine/trainer log-prob mismatch."""
+    out: dict[str, float] = {}
+    if old_logprobs is None:
+        return out
+    if ref_logprobs is not None:
+        out["kl/old_ref_k3"] = masked_mean(kl_penalty(old_logprobs, ref_logprobs, "k3"), mask)
+    mismatch = logprob_mismatch(rollout_logprobs, old_logprobs, mask)
+    out.update({f"mismatch/{k}": float(v) for k, v in mismatch.items()})
+    return out
+
+
+def finite_or_nan(x) -> float:
+    x = float(x)
+    return x if math.isfinite(x) else float("nan")

@@ -1,0 +1,169 @@
+"""Run checkpoints: everything a resumed run needs, written atomically, the last N kept.
+
+    <save_dir>/step_000010/
+        model/            megatron distributed checkpoint: model + optimizer (resharding-capable)
+        trainer_state.pt  step, LR schedule, Beta tracker + forgetting rule, sampler position (rank 0)
+        rng/rank_<r>.pt   every RNG stream of rank r (torch, megatron's model-parallel tracker, python, numpy)
+        COMPLETE          written last: a directory without it is not a checkpoint
+A checkpoint is first written to `step_000010.tmp` and renamed when complete, so a crash or a preemption mid-write
+leaves the previous checkpoint intact. `checkpoint.resume: auto` continues from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("mssr")
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def complete_checkpoints(save_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint in save_dir, oldest first."""
+    if not os.path.isdir(save_dir):
+        return []
+    found = []
+    for name in os.listdir(save_dir):
+        match = _STEP_DIR.match(name)
+        path = os.path.join(save_dir, name)
+        if match and os.path.exists(os.path.join(path, "COMPLETE")):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_state(ctx, loading: bool = False):
+    """Model and optimizer as megatron sharded tensors. When loading, the optimizer first creates its (Adam) state
+    so that the checkpoint has somewhere to go."""
+    model_state = ctx.actor.module.sharded_state_dict()
+    return {"model": model_state,
+            "optimizer": ctx.actor.optimizer.sharded_state_dict(model_state, is_loading=loading)}
+
+
+def save(ctx) -> str:
+    """Write a checkpoint of the current step (every rank calls this); returns its path."""
+    from megatron.core import dist_checkpointing
+
+    save_dir = ctx.cfg.checkpoint_dir
+    final = os.path.join(save_dir, f"step_{ctx.step:06d}")
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "model"))
+        os.makedirs(os.path.join(tmp, "rng"))
+    _barrier()
+    dist_checkpointing.save(_sharded_state(ctx), os.path.join(tmp, "model"))
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank()}.pt"))
+    if _rank() == 0:
+        torch.save({"step": ctx.step, "scheduler": ctx.actor.scheduler.state_dict(), "algorithm": ctx.algo.state_dict(),
+                    "sampler": ctx.sampler.state_dict(), "world_size": dist.get_world_size()},
+                   os.path.join(tmp, "trainer_state.pt"))
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            json.dump({"step": ctx.step, "time": time.time()}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(save_dir)[: -ctx.cfg.checkpoint.keep_last or None]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint saved: %s", final)
+    _barrier()
+    return final
+
+
+def resolve_resume(cfg) -> str | None:
+    """The checkpoint to resume from: None (fresh run), the newest complete one ('auto'), or a given path."""
+    resume = cfg.checkpoint.resume
+    if not resume:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(cfg.checkpoint_dir)
+        return found[-1][1] if found else None
+    if not os.path.exists(os.path.join(resume, "COMPLETE")):
+        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete checkpoint (no COMPLETE marker); "
+                                f"use checkpoint.resume=auto to take the newest complete one")
+    return resume
+
+
+def maybe_resume(ctx) -> bool:
+    """Restore model, optimizer, schedule, algorithm state, sampler, RNG and step; push the weights to the engine."""
+    from megatron.core import dist_checkpointing
+
+    from mssr_megatron.rollout.weight_export import sync_weights
+
+    path = resolve_resume(ctx.cfg)
+    if path is None:
+        return False
+    state = dist_checkpointing.load(_sharded_state(ctx, loading=True), os.path.join(path, "model"))
+    ctx.actor.module.load_state_dict(state["model"])
+    ctx.actor.optimizer.load_state_dict(state["optimizer"])
+    trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    ctx.actor.scheduler.load_state_dict(trainer_state["scheduler"])
+    ctx.algo.load_state_dict(trainer_state["algorithm"])
+    ctx.sampler.load_state_dict(trainer_state["sampler"])
+    ctx.step = trainer_state["step"]
+    rng_path = os.path.join(path, "rng", f"rank_{_rank()}.pt")
+    if os.path.exists(rng_path):
+        _set_rng_state(torch.load(rng_path, weights_only=False))
+    else:
+        log.warning("no RNG state for rank %d in %s (world size changed); RNG streams restart", _rank(), path)
+    ctx.logger.resume(ctx.step)
+    sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, int(ctx.cfg.rollout.weight_bucket_mb * 2**20))
+    log.info("resumed from %s at step %d", path, ctx.step)
+    return True
+
+
+def export_hf(ctx) -> str | None:
+    """Write the trained policy as a Hugging Face directory <output_dir>/hf (published names, tokenizer and processor
+    files copied from the initial model), atomically. Returns its path on rank 0."""
+    from mssr_megatron.checkpoint.dist_io import copy_non_weight_files, staged_output
+    from mssr_megatron.rollout.weight_export import export_full_weights
+
+    out = os.path.join(ctx.run_dir, "hf")
+    tensors = {name: t.clone() for name, t in export_full_weights(ctx.actor.module, ctx.actor.dims)}
+    if _rank() != 0:
+        return None
+    from safetensors.torch import save_file
+
+    with staged_output(out) as tmp:
+        copy_non_weight_files(ctx.cfg.model.hf_path, tmp)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -1,0 +1,153 @@
+"""Everything a training run holds, built once from the config: process groups, policy and reference models,
+the rollout engine, data, reward grader, algorithm state, metrics and checkpoints.
+
+Placement: the rollout engine lives on the weight owner of the first data-parallel replica (global rank 0 here: one
+engine for the job on CPU; GPU clusters get one per node from the factory). Rollouts and rewards are broadcast to
+every rank; each data-parallel replica trains on its slice of the rollouts; the algorithm state (tracker, forgetting
+rule) is kept identical on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from mssr_megatron.config import RunConfig, dump_yaml
+
+log = logging.getLogger("mssr")
+
+
+@dataclass
+class RunContext:
+    cfg: RunConfig
+    hf_config: object
+    processor: object
+    actor: object
+    reference: object | None
+    engine: object | None
+    grader: object
+    algo: object
+    train: object
+    val: object | None
+    sampler: object
+    logger: object
+    blocked_ids: list[int]
+    run_dir: str
+    step: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def is_driver(self) -> bool:
+        """The rank that drives the engine, grades and logs."""
+        return self.rank == 0
+
+    def close(self) -> None:
+        """Stop the reward workers and the engine, close the logs, tear down the process groups."""
+        from mssr_megatron.parallel import destroy_megatron
+
+        self.grader.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+        self.logger.close()
+        destroy_megatron()
+
+
+def load_hf_config(model_dir: str):
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"model.hf_path={model_dir!r} has no config.json: point it at a Hugging Face "
+                                "Qwen2.5-VL directory (for the tiny default, run `mssr make-tiny` first)")
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def build_context(cfg: RunConfig) -> RunContext:
+    """Set up the whole run. Config and data problems are raised here, before any model is built."""
+    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.algorithms.pipeline import RLAlgorithm
+    from mssr_megatron.data.prompts import load_split
+    from mssr_megatron.data.sampler import PromptSampler
+    from mssr_megatron.metrics import MetricsLogger
+    from mssr_megatron.models.provider import check_layout
+    from mssr_megatron.models.tiny_hf import load_processor
+    from mssr_megatron.parallel import init_megatron
+    from mssr_megatron.rewards import RewardGrader
+    from mssr_megatron.rollout.sampling import blocked_token_ids
+
+    hf_config = load_hf_config(cfg.model.hf_path)
+    check_layout(hf_config, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    processor = load_processor(cfg.model.hf_path)
+    train_set = load_split(cfg.data.train_path, cfg.data, "train", processor)
+    val_set = load_split(cfg.data.val_path, cfg.data, "val", processor) if cfg.data.val_path else None
+    p = cfg.parallel
+    init_megatron(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.trainer.seed,
+                  backend=p.backend)
+    cfg.validate(world_size=dist.get_world_size())
+    torch.manual_seed(cfg.trainer.seed)
+    run_dir = cfg.trainer.output_dir
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        os.makedirs(run_dir, exist_ok=True)
+        dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+        log.info(train_set.summary())
+        if val_set is not None:
+            log.info(val_set.summary())
+    total_updates = cfg.trainer.total_steps * cfg.optimizer_steps_per_step
+    actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_updates)
+    actor.load_hf_state(_published_weights(cfg.model.hf_path))
+    needs_reference = (cfg.algorithm.use_kl_loss or cfg.algorithm.kl_in_reward
+                       or cfg.algorithm.baseline.rho_rule == "kl_window")
+    reference = None
+    if needs_reference:
+        reference = MegatronActor(hf_config, cfg.model)
+        reference.load_hf_state(_published_weights(cfg.model.ref_hf_path or cfg.model.hf_path))
+    engine = None
+    if rank0:
+        from mssr_megatron.rollout.factory import build_engine
+
+        kwargs = {"max_batch_size": cfg.rollout.hf_batch_size} if cfg.rollout.engine == "hf" else {}
+        engine = build_engine(cfg, cfg.model.hf_path, **kwargs)
+    algo = RLAlgorithm(cfg.algorithm)
+    sampler = PromptSampler(len(train_set), cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+    grader = RewardGrader(cfg.data.reward, num_workers=cfg.data.reward_workers, timeout_s=cfg.data.reward_timeout_s)
+    logger = MetricsLogger(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+                           progress_bar=cfg.logging.progress_bar, total_steps=cfg.trainer.total_steps, enabled=rank0)
+    return RunContext(cfg=cfg, hf_config=hf_config, processor=processor, actor=actor, reference=reference,
+                      engine=engine, grader=grader, algo=algo, train=train_set, val=val_set, sampler=sampler,
+                      logger=logger, blocked_ids=blocked_token_ids(processor.tokenizer, hf_config.text_config.vocab_size),
+                      run_dir=run_dir)
+
+
+def _published_weights(model_dir: str) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF checkpoint directory under its published name (both saved layouts accepted)."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    from mssr_megatron.checkpoint.mapping import published_name
+
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir!r}")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update((published_name(k), v) for k, v in load_file(path).items())
+    return state
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (identity in a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+

@@ -1,0 +1,189 @@
+"""The RL loop, top to bottom. Each arrow of a step is one call into the module that owns it:
+
+    sample -> rollout -> reward -> advantage -> Megatron log-probs (old, reference) -> shaping
+      -> mini-batched PPO updates -> tracker update -> weight sync -> metrics / validation / checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+
+from mssr_megatron import rl_step
+from mssr_megatron.config import RunConfig
+from mssr_megatron.metrics import StepTimer
+from mssr_megatron.rollout.weight_export import sync_weights
+from mssr_megatron.run_context import RunContext, broadcast_object, build_context
+
+log = logging.getLogger("mssr")
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run RL training as configured; returns the run summary (on every rank)."""
+    ctx = build_context(cfg)
+    try:
+        return _run(ctx)
+    finally:
+        ctx.close()
+
+
+def _run(ctx: RunContext) -> dict:
+    from mssr_megatron import run_checkpoint
+
+    cfg = ctx.cfg
+    stop = _PreemptionFlag()
+    resumed = run_checkpoint.maybe_resume(ctx)
+    if not resumed:
+        initialize_tracker(ctx)
+        sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, _bucket_bytes(cfg))  # engine == trainer weights
+        if cfg.trainer.val_before_train and ctx.val is not None:
+            ctx.logger.log(0, validate(ctx))
+    nonfinite_steps = 0
+    while ctx.step < cfg.trainer.total_steps and not stop.agreed():
+        metrics = train_step(ctx)
+        ctx.step += 1
+        if ctx.actor.nonfinite is not None:
+            nonfinite_steps += 1
+            log.error("step %d: non-finite %s; the update was skipped (%d/%d allowed)", ctx.step,
+                      ctx.actor.nonfinite, nonfinite_steps, cfg.trainer.max_nonfinite_steps)
+        if ctx.val is not None and cfg.trainer.val_every and ctx.step % cfg.trainer.val_every == 0:
+            metrics.update(validate(ctx))
+        ctx.logger.log(ctx.step, metrics)
+        if nonfinite_steps > cfg.trainer.max_nonfinite_steps:
+            run_checkpoint.save(ctx)
+            raise RuntimeError(f"stopping at step {ctx.step}: {nonfinite_steps} steps had non-finite values "
+                               f"(last: {ctx.actor.nonfinite}); checkpoint saved")
+        if cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0:
+            run_checkpoint.save(ctx)
+    if stop.requested:
+        log.warning("signal %s: saving a checkpoint at step %d and exiting", stop.signal_name, ctx.step)
+        run_checkpoint.save(ctx)
+        return {"preempted_at_step": ctx.step}
+    run_checkpoint.save(ctx)
+    return finish(ctx)
+
+
+def train_step(ctx: RunContext) -> dict[str, float]:
+    cfg, timer = ctx.cfg, StepTimer()
+    with timer("step"):
+        records = [ctx.train[i] for i in ctx.sampler.next_step()]
+        with timer("rollout"):
+            rollouts = rl_step.generate(ctx, records, rl_step.sampling_params(ctx, seed=cfg.rollout.seed + ctx.step))
+        with timer("reward"):
+            rewards, metrics = rl_step.grade(ctx, records, rollouts)
+        exp = rl_step.make_experience(ctx, records, rollouts, rewards)
+        rows = rl_step.data_parallel_rows(ctx, len(exp))
+        with timer("logprobs"):
+            old, entropy = rl_step.token_logprobs(ctx, ctx.actor, exp, rows, cfg.rollout.temperature)
+            ref = None if ctx.reference is None else rl_step.token_logprobs(
+                ctx, ctx.reference, exp, rows, cfg.rollout.temperature)[0]
+        mask = exp.response_mask[rows]
+        token_kl = None if ref is None or old is None else _token_kl(old, ref, mask, len(exp), rows)
+        out = ctx.algo.advantages(exp.prompt_keys, exp.rewards, exp.response_mask, exp.group_index,
+                                  token_kl=token_kl)
+        metrics.update(out.metrics)
+        advantages = out.advantages[rows, : mask.shape[1]]
+        if old is not None:
+            advantages, shaping_metrics = ctx.algo.shape(advantages, mask, entropy=entropy, logprobs=old)
+            metrics.update(shaping_metrics)
+            metrics.update(rl_step.kl_and_mismatch(old, ref, exp.rollout_logprobs[rows], mask))
+        with timer("update"):
+            metrics.update(rl_step.update_policy(ctx, exp, rows, advantages, old, ref))
+        metrics.update(after_update(ctx, exp, rows, old, mask, metrics.get("kl/old_ref_k3")))
+        with timer("weight_sync"):
+            metrics.update(sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, _bucket_bytes(cfg)))
+    metrics.update(timer.pop())
+    return rl_step.from_last_stage(metrics)
+
+
+def after_update(ctx: RunContext, exp, rows, old, mask, kl) -> dict[str, float]:
+    """Fold the step's rewards into the tracker with the forgetting rule's rho (same on every rank)."""
+    if ctx.algo.tracker is None:
+        return {}
+    new = None
+    if ctx.cfg.algorithm.baseline.rho_rule == "spo" and old is not None:
+        new, _ = rl_step.token_logprobs(ctx, ctx.actor, exp, rows, ctx.cfg.rollout.temperature)
+    kl = rl_step.from_last_stage(kl)
+    payload = rl_step.from_last_stage(None if new is None else (old, new, mask))
+    old_lp, new_lp, m = payload if payload is not None else (None, None, None)
+    return ctx.algo.after_update(exp.prompt_keys, exp.rewards, kl=kl, old_logprobs=old_lp, new_logprobs=new_lp,
+                                 mask=m)
+
+
+def _token_kl(old, ref, mask, num_rows, rows):
+    from mssr_megatron.algorithms.losses import kl_penalty
+
+    full = torch.zeros(num_rows, mask.shape[1])
+    full[rows] = kl_penalty(old, ref, "k3") * mask
+    return full
+
+
+def initialize_tracker(ctx: RunContext) -> None:
+    """Before step 0: init_rollouts rollouts per training prompt from the initial policy seed the Beta baseline."""
+    n = ctx.cfg.algorithm.baseline.init_rollouts
+    if ctx.algo.tracker is None or n == 0:
+        return
+    records = list(ctx.train)
+    sampling = rl_step.sampling_params(ctx, seed=ctx.cfg.rollout.seed - 1)
+    sampling.n = n
+    rollouts = rl_step.generate(ctx, records, sampling)
+    rewards, metrics = rl_step.grade(ctx, records, rollouts)
+    ctx.algo.initialize([records[int(r.request_id)].prompt_id for r in rollouts], torch.tensor(rewards))
+    log.info("tracker initialised on %d prompts: initial mean reward %.3f", len(records),
+             metrics.get("reward/accuracy", float("nan")))
+
+
+def validate(ctx: RunContext) -> dict[str, float]:
+    """Accuracy on the held-out prompts (val_temperature; 0 = greedy)."""
+    records = list(ctx.val)[: ctx.cfg.data.val_size or None]
+    rollouts = rl_step.generate(ctx, records, rl_step.sampling_params(ctx, validation=True, seed=12345))
+    _, metrics = rl_step.grade(ctx, records, rollouts)
+    return {"val/accuracy": metrics["reward/accuracy"], "val/response_length": metrics["rollout/response_length"]}
+
+
+def finish(ctx: RunContext) -> dict:
+    """Final validation, summary and (optionally) the HF export of the trained policy."""
+    from mssr_megatron.metrics import read_metrics
+
+    history = read_metrics(ctx.run_dir) if ctx.is_driver else []
+    val = [m["val/accuracy"] for m in history if m.get("val/accuracy") is not None]
+    summary = {"steps": ctx.step, "initial_val_accuracy": val[0] if val else None,
+               "final_val_accuracy": val[-1] if val else None, "best_val_accuracy": max(val) if val else None,
+               "run_dir": ctx.run_dir}
+    if ctx.cfg.checkpoint.export_hf_at_end:
+        from mssr_megatron import run_checkpoint
+
+        summary["hf_export"] = run_checkpoint.export_hf(ctx)
+    ctx.logger.log_summary(summary)
+    return broadcast_object(summary)
+
+
+def _bucket_bytes(cfg: RunConfig) -> int:
+    return int(cfg.rollout.weight_bucket_mb * 2**20)
+
+
+class _PreemptionFlag:
+    """SIGTERM / SIGUSR1 (SLURM preemption) ask the loop to save and exit after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Whether any rank was signalled (all ranks must stop at the same step)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([float(self.requested)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.requested = bool(flag.item())
+        return self.requested
+
