@@ -1,7 +1,7 @@
 """`mssr make-tiny`: the embedded default's model and data, built locally and cached.
 
 1. Synthetic visual-reasoning data (counting coloured shapes on a 3x3 grid, exact answers), train/val jsonl + PNGs.
-2. A tiny random Qwen2.5-VL with a locally trained tokenizer and processor (models/tiny_hf.py).
+2. A tiny random Qwen2.5-VL with a locally trained tokenizer and processor (models/tiny_hf.py, tiny_tokenizer.py).
 3. A short supervised warm start on the training split (loss on the answer tokens `\\boxed{d}<|im_end|>` only),
    stopped as soon as greedy validation accuracy enters the "partial" band [target_low, target_high]: RL needs a
    policy that solves some but not all problems. The band is narrow and comes quickly (PLATFORM_NOTES: ~24% at
@@ -94,7 +94,7 @@ def supervised_warm_start(init_dir: str, train_path: str, val_path: str, out_dir
 
     from mssr_megatron.config import DataConfig
     from mssr_megatron.data.prompts import fill_template, prompt_messages
-    from mssr_megatron.models.tiny_hf import load_processor
+    from mssr_megatron.models.processor import load_processor
 
     processor = load_processor(init_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init_dir, dtype=torch.float32)

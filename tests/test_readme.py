@@ -16,7 +16,7 @@ def readme_commands() -> list[str]:
 def test_readme_has_exactly_two_setup_commands():
     commands = readme_commands()
     assert len(commands) == 2
-    assert commands[0].endswith("mssr demo") and "pytest" in commands[1]
+    assert commands[0].endswith("mssr train examples/configs/tiny_cpu.yaml") and "pytest" in commands[1]
     assert all("-c constraints-cpu.txt" in c for c in commands)
 
 
