@@ -15,10 +15,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
+from mssr_megatron.config_checks import check_run_config
 from mssr_megatron.config_loader import (
     ConfigError,
     apply_overrides,
-    check_run_config,
     dump_yaml,
     field_docs,
     from_dict,

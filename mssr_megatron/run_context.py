@@ -77,7 +77,7 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.data.sampler import PromptSampler
     from mssr_megatron.metrics import MetricsLogger
     from mssr_megatron.models.provider import check_layout
-    from mssr_megatron.models.tiny_hf import load_processor
+    from mssr_megatron.models.processor import load_processor
     from mssr_megatron.parallel import init_megatron
     from mssr_megatron.rewards import RewardGrader
     from mssr_megatron.rollout.sampling import blocked_token_ids

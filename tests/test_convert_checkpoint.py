@@ -83,10 +83,10 @@ def untied_in_memory_names(work, hf_dirs) -> str:
     split into two shard files with an index: conversion must read it like the published layout."""
     from safetensors.torch import load_file, save_file
 
-    from mssr_megatron.models.tiny_hf import from_published_name
+    from mssr_megatron.checkpoint.mapping import in_memory_name
 
     path = shutil.copytree(hf_dirs[False], work / "hf_untied_in_memory_names")
-    weights = {from_published_name(k): v for k, v in load_file(path / "model.safetensors").items()}
+    weights = {in_memory_name(k): v for k, v in load_file(path / "model.safetensors").items()}
     assert any(k.startswith("model.language_model.") for k in weights) and any(k.startswith("model.visual.")
                                                                                 for k in weights)
     os.remove(path / "model.safetensors")
@@ -169,7 +169,7 @@ def round_trips(work, world, tied_ckpt) -> dict[bool, str]:
 def test_round_trip_reproduces_the_hf_directory(hf_dirs, round_trips, tied):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from mssr_megatron.models.tiny_hf import load_processor
+    from mssr_megatron.models.processor import load_processor
 
     source, back = hf_dirs[tied], round_trips[tied]
     original, exported = _tensors(source), _tensors(back)

@@ -14,7 +14,8 @@ from mssr_megatron.data.prompts import (
 )
 from mssr_megatron.data.records import Record, RecordSet
 from mssr_megatron.data.synthetic import generate_dataset
-from mssr_megatron.models.tiny_hf import build_tiny_model_dir, load_processor
+from mssr_megatron.models.processor import load_processor
+from mssr_megatron.models.tiny_hf import build_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

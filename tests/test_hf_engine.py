@@ -14,11 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from mssr_megatron.models.processor import load_processor  # noqa: E402
 from mssr_megatron.models.tiny_hf import (  # noqa: E402
     build_tiny_model_dir,
     chat_messages,
     init_tiny_model,
-    load_processor,
     published_state_dict,
     save_published,
     synthetic_image,

@@ -16,19 +16,18 @@ pytest.importorskip("tokenizers")
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-from mssr_megatron.models import tiny_hf  # noqa: E402
+from mssr_megatron.checkpoint.mapping import in_memory_name, published_name  # noqa: E402
+from mssr_megatron.models.processor import load_processor  # noqa: E402
+from mssr_megatron.models.special_tokens import IMAGE_TOKEN, SPECIAL_TOKENS  # noqa: E402
 from mssr_megatron.models.tiny_hf import (  # noqa: E402
-    IMAGE_TOKEN,
-    SPECIAL_TOKENS,
     build_tiny_model_dir,
     init_tiny_model,
-    load_processor,
     make_vl_inputs,
     published_state_dict,
     synthetic_image,
     tiny_qwen2_5_vl_config,
-    train_tokenizer,
 )
+from mssr_megatron.models.tiny_tokenizer import train_tokenizer  # noqa: E402
 
 PUBLISHED = re.compile(
     r"^(model\.embed_tokens\.weight|model\.norm\.weight|model\.layers\.\d+\..+|visual\..+|lm_head\.weight)$"
@@ -247,11 +246,11 @@ def test_transformers_save_pretrained_uses_published_names(tmp_path, model, tiny
     assert any(k.startswith("model.language_model.") for k in model.state_dict())
     model.save_pretrained(tmp_path)
     assert safetensors_keys(tmp_path) == safetensors_keys(tiny_dir)
-    assert tiny_hf.to_published_name("model.language_model.layers.0.mlp.up_proj.weight") == (
+    assert published_name("model.language_model.layers.0.mlp.up_proj.weight") == (
         "model.layers.0.mlp.up_proj.weight"
     )
     for name in model.state_dict():
-        assert tiny_hf.from_published_name(tiny_hf.to_published_name(name)) == name
+        assert in_memory_name(published_name(name)) == name
 
 
 def test_vocab_331_four_layers_forward(untied_dir):

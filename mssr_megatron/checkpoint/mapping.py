@@ -170,6 +170,17 @@ def published_name(hf_name: str) -> str:
     return hf_name
 
 
+def in_memory_name(published_hf_name: str) -> str:
+    """The inverse of `published_name`: `visual.X` -> `model.visual.X`, `model.X` -> `model.language_model.X`;
+    in-memory names (and `lm_head.weight`) are returned unchanged."""
+    if published_hf_name.startswith(tuple(prefix for prefix, _ in HF_IN_MEMORY_PREFIXES)):
+        return published_hf_name
+    for prefix, published in HF_IN_MEMORY_PREFIXES:
+        if published_hf_name.startswith(published):
+            return prefix + published_hf_name[len(published):]
+    return published_hf_name
+
+
 def _pattern(name: str, layer_only: bool) -> re.Pattern:
     star = r"(\d+)" if layer_only else r"(.+)"
     return re.compile("^" + re.escape(name).replace(r"\*", star) + "$")

@@ -3,31 +3,40 @@
 No weights or tokenizers can be downloaded on the development machines, so tests (and ``mssr make-tiny``) build a
 complete Hugging Face model directory from scratch:
 
-* a small byte-level BPE tokenizer trained with ``tokenizers`` on a built-in corpus, carrying Qwen's special tokens
-  and a Qwen-style chat template (:func:`train_tokenizer`);
+* a small byte-level BPE tokenizer with Qwen's special tokens and chat template (:mod:`~.models.tiny_tokenizer`);
 * a tiny :class:`~transformers.Qwen2_5_VLConfig` whose text and vision towers keep every architectural feature of
   the real model (grouped-query attention, qkv bias, mrope, window + full attention blocks, patch merger) at toy
   sizes (:func:`tiny_qwen2_5_vl_config`);
 * seeded random weights, saved under the *published* Qwen2.5-VL tensor names, and a ``Qwen2_5_VLProcessor`` that works
-  without torchvision (:func:`build_tiny_model_dir`).
+  without torchvision (:func:`build_tiny_model_dir`; saving and loading it: :mod:`~.models.processor`).
 
 Tensor names. Published Qwen2.5-VL checkpoints (and what SGLang / vLLM load) name the tensors ``model.embed_tokens.*``,
 ``model.layers.*``, ``model.norm.*``, ``visual.*`` and ``lm_head.weight`` (absent when the embeddings are tied).
 transformers 5 holds them in memory as ``model.language_model.*`` / ``model.visual.*``. Its ``save_pretrained``
 converts back and writes the published names (checked with transformers 5.23: the same key set as
 :func:`save_published`), and ``from_pretrained`` maps the published names to the in-memory ones.
-:func:`published_state_dict` / :func:`save_published` do the conversion explicitly, so that exported checkpoints
-do not depend on the transformers version.
+:func:`published_state_dict` / :func:`save_published` do the conversion explicitly (with the project's one naming
+rule, ``checkpoint.mapping.published_name``), so that exported checkpoints do not depend on the transformers version.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from mssr_megatron.models.processor import qwen2_5_vl_processor, save_processor
+from mssr_megatron.models.special_tokens import (
+    EOS_TOKEN,
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    VIDEO_TOKEN,
+    VISION_END_TOKEN,
+    VISION_START_TOKEN,
+)
+from mssr_megatron.models.tiny_tokenizer import train_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,215 +44,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
 
 __all__ = [
-    "SPECIAL_TOKENS",
-    "EOS_TOKEN",
-    "PAD_TOKEN",
-    "IMAGE_TOKEN",
-    "VIDEO_TOKEN",
-    "VISION_START_TOKEN",
-    "VISION_END_TOKEN",
-    "CHAT_TEMPLATE",
     "TINY_TEXT",
     "TINY_VISION",
     "TINY_MIN_PIXELS",
     "TINY_MAX_PIXELS",
-    "builtin_corpus",
-    "train_tokenizer",
     "tiny_qwen2_5_vl_config",
     "tiny_image_processor",
     "build_tiny_processor",
-    "save_processor",
-    "load_processor",
     "build_tiny_model_dir",
     "init_tiny_model",
-    "to_published_name",
-    "from_published_name",
     "published_state_dict",
     "save_published",
     "synthetic_image",
     "chat_messages",
     "make_vl_inputs",
 ]
-
-# --------------------------------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------------------------------
-
-ENDOFTEXT_TOKEN = "<|endoftext|>"
-IM_START_TOKEN = "<|im_start|>"
-EOS_TOKEN = "<|im_end|>"
-PAD_TOKEN = ENDOFTEXT_TOKEN
-VISION_START_TOKEN = "<|vision_start|>"
-VISION_END_TOKEN = "<|vision_end|>"
-VISION_PAD_TOKEN = "<|vision_pad|>"
-IMAGE_TOKEN = "<|image_pad|>"
-VIDEO_TOKEN = "<|video_pad|>"
-
-#: Qwen's special tokens, in Qwen's relative id order; they take the last ids of the tokenizer, as in Qwen.
-SPECIAL_TOKENS: tuple[str, ...] = (
-    ENDOFTEXT_TOKEN,
-    IM_START_TOKEN,
-    EOS_TOKEN,
-    VISION_START_TOKEN,
-    VISION_END_TOKEN,
-    VISION_PAD_TOKEN,
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
-)
-
-# Pre-tokenisation: contractions, runs of letters (with one optional leading non-letter such as a space), single
-# digits (so that numbers tokenise digit by digit, like Qwen), punctuation runs, newlines, other whitespace.
-_PRETOKENIZE_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
-    r"|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+"
-    r"|\s+(?!\S)"
-    r"|\s+"
-)
-
-#: Qwen-style chat template. Content is a string or a list of parts: ``{"type": "image"}`` (also ``"image"`` /
-#: ``"image_url"`` keys) renders as ``<|vision_start|><|image_pad|><|vision_end|>`` (the processor expands the single
-#: ``<|image_pad|>`` to one token per merged patch), ``{"type": "video"}`` likewise with ``<|video_pad|>``, and
-#: ``{"type": "text", "text": ...}`` as its text. No default system message is inserted (prompts stay short).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'video' or 'video' in part -%}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif 'text' in part -%}"
-    "{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
-
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-_COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple")
-_SHAPES = ("circle", "square", "triangle", "shape", "dot", "box")
-
-
-def builtin_corpus() -> list[str]:
-    """A small deterministic English/arithmetic corpus for the tiny BPE: counting questions about coloured shapes
-    (weighted most, so that their words get merges), arithmetic, ``\\boxed{}`` answers, ``<think>`` reasoning and
-    chat turns (the special tokens in it are cut out before training)."""
-    rng = random.Random(1234)
-    lines: list[str] = []
-    for _ in range(6):
-        for colour in _COLOURS[:3]:
-            lines.append(f"How many {colour} shapes? How many {colour} shapes are there?")
-            lines.append("How many shapes? How many shapes are there in the image?")
-        for shape in ("circle", "square"):
-            lines.append(f"How many {shape}s? How many red {shape}s? How many blue {shape}s?")
-    for colour in _COLOURS:
-        for shape in _SHAPES:
-            lines.append(f"There is one {colour} {shape}. There are two {colour} {shape}s.")
-    lines += [
-        "What colour is the shape? What is the colour of the circle?",
-        "Look at the image and answer the question.",
-        "Let me count the shapes one by one.",
-        "Please reason step by step, and put your final answer within \\boxed{}.",
-        "You are a helpful assistant.",
-    ]
-    for n, word in enumerate(_NUMBER_WORDS):
-        lines.append(f"{word} {n} The answer is {n}. The answer is \\boxed{{{n}}}.")
-    for _ in range(120):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        op = rng.choice("+-*")
-        value = a + b if op == "+" else a - b if op == "-" else a * b
-        lines.append(f"What is {a} {op} {b}? {a} {op} {b} = {value}. The answer is \\boxed{{{value}}}.")
-    for _ in range(120):
-        colour, shape, k = rng.choice(_COLOURS[:3]), rng.choice(_SHAPES[:2]), rng.randint(1, 9)
-        lines.append(f"<think>I see {k} {colour} {shape}s, so there are {k}.</think> The answer is \\boxed{{{k}}}.")
-        lines.append(
-            f"{IM_START_TOKEN}user\n{VISION_START_TOKEN}{IMAGE_TOKEN}{VISION_END_TOKEN}"
-            f"How many {colour} {shape}s?{EOS_TOKEN}\n{IM_START_TOKEN}assistant\n\\boxed{{{k}}}{EOS_TOKEN}\n"
-        )
-    for _ in range(40):
-        p, q = rng.randint(1, 9), rng.randint(2, 9)
-        lines.append(f"\\frac{{{p}}}{{{q}}} = {p}/{q}. $x^{2}$ = {p * p}, \\sqrt{{{p * p}}} = {p}. {p}% (A) (B) (C)")
-    return lines
-
-
-def _train_bpe(corpus: Iterable[str], vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_PRETOKENIZE_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    n_learned = vocab_size - len(SPECIAL_TOKENS)
-    if n_learned < len(alphabet):
-        raise ValueError(
-            f"vocab_size={vocab_size} is too small: it needs the {len(alphabet)} byte symbols plus "
-            f"{len(SPECIAL_TOKENS)} special tokens"
-        )
-    trainer = trainers.BpeTrainer(
-        vocab_size=n_learned,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=alphabet,
-        special_tokens=[],
-    )
-    # The trainer does not split on added tokens: cut them out of the training text so that they are not learned
-    # as text, then add them after the learned tokens (the last ids, as in Qwen's tokenizer).
-    special = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
-    pieces = [piece for line in corpus for piece in special.split(line) if piece]
-    tok.train_from_iterator(pieces, trainer=trainer)
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
-
-
-def train_tokenizer(
-    out_dir: str | os.PathLike | None = None,
-    vocab_size: int = 320,
-    corpus: Iterable[str] | None = None,
-) -> PreTrainedTokenizerBase:
-    """Train a byte-level BPE of ``vocab_size`` tokens (learned tokens first, then Qwen's special tokens at the end)
-    on ``corpus`` (default :func:`builtin_corpus`) and wrap it as a fast tokenizer with the Qwen-style
-    :data:`CHAT_TEMPLATE`, eos ``<|im_end|>`` and pad ``<|endoftext|>``. Saved to ``out_dir`` when given
-    (``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``). Deterministic: the same corpus and size
-    give the same ``tokenizer.json``."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = _train_bpe(builtin_corpus() if corpus is None else corpus, vocab_size)
-    if tok.get_vocab_size() != vocab_size:
-        raise ValueError(
-            f"the corpus yields {tok.get_vocab_size()} tokens, not vocab_size={vocab_size}: pass a larger corpus"
-        )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        bos_token=None,
-        unk_token=None,
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS_TOKEN, PAD_TOKEN)],
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-        model_max_length=32768,
-        padding_side="right",
-    )
-    if out_dir is not None:
-        tokenizer.save_pretrained(os.fspath(out_dir))
-    return tokenizer
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Config
@@ -390,97 +205,10 @@ def tiny_image_processor(min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TI
     )
 
 
-def _video_processor_dict(image_processor) -> dict[str, Any]:
-    """What ``Qwen2VLVideoProcessor`` would save for these sizes (it cannot be built without torchvision), so that
-    ``AutoProcessor`` builds a matching video processor where torchvision is installed."""
-    return {
-        "video_processor_type": "Qwen2VLVideoProcessor",
-        "patch_size": image_processor.patch_size,
-        "temporal_patch_size": image_processor.temporal_patch_size,
-        "merge_size": image_processor.merge_size,
-        "size": dict(image_processor.size),
-        "image_mean": list(image_processor.image_mean),
-        "image_std": list(image_processor.image_std),
-    }
-
-
-def _qwen2_5_vl_processor(image_processor, tokenizer, video_processor=None, chat_template=None):
-    """A real ``Qwen2_5_VLProcessor``, also without a video processor.
-
-    transformers 5 type-checks every sub-processor in ``ProcessorMixin.__init__``; without torchvision the check of
-    the video processor (even ``None``) fails because the video-processor classes are torchvision-only. The check is
-    relaxed for this one instance (and only for a ``None`` video processor), everything else runs unchanged.
-    """
-    import types
-
-    from transformers import Qwen2_5_VLProcessor
-
-    def check(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return Qwen2_5_VLProcessor.check_argument_for_proper_class(self, argument_name, argument)
-
-    processor = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
-    processor.check_argument_for_proper_class = types.MethodType(check, processor)
-    try:
-        processor.__init__(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=video_processor,
-            chat_template=chat_template,
-        )
-    finally:
-        del processor.check_argument_for_proper_class
-    return processor
-
-
 def build_tiny_processor(tokenizer: PreTrainedTokenizerBase, **image_kwargs: Any) -> Qwen2_5_VLProcessor:
     """``Qwen2_5_VLProcessor`` from ``tokenizer`` and the PIL image processor (:func:`tiny_image_processor`), without a
     video processor (transformers 5's video processors need torchvision)."""
-    return _qwen2_5_vl_processor(tiny_image_processor(**image_kwargs), tokenizer, None, tokenizer.chat_template)
-
-
-def save_processor(processor, out_dir: str | os.PathLike) -> None:
-    """Save a ``Qwen2_5_VLProcessor`` the way ``save_pretrained`` does (tokenizer files, ``chat_template.jinja``,
-    ``processor_config.json`` with the image-processor config), also when it has no video processor (where
-    ``save_pretrained`` fails). A missing video processor is written as the ``Qwen2VLVideoProcessor`` config
-    matching the image processor, so that ``AutoProcessor`` loads the directory where torchvision is installed."""
-    out_dir = os.fspath(out_dir)
-    if getattr(processor, "video_processor", None) is not None:
-        processor.save_pretrained(out_dir)
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    processor.tokenizer._set_processor_class(type(processor).__name__)
-    processor.tokenizer.save_pretrained(out_dir)
-    if isinstance(processor.chat_template, str):
-        with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as fh:
-            fh.write(processor.chat_template)
-    data = processor.to_dict()
-    data["video_processor"] = _video_processor_dict(processor.image_processor)
-    with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-
-
-def load_processor(path: str | os.PathLike) -> Qwen2_5_VLProcessor:
-    """Load the processor of a model directory: ``AutoProcessor.from_pretrained`` where torchvision is installed;
-    otherwise (transformers 5's ``AutoProcessor`` always loads the torchvision-only video processor, and fails) the
-    same ``Qwen2_5_VLProcessor`` from ``AutoTokenizer`` + ``AutoImageProcessor`` (PIL backend) without a video
-    processor."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-    from transformers.utils import is_torchvision_available
-
-    path = os.fspath(path)
-    if is_torchvision_available():
-        return AutoProcessor.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
-    chat_template = tokenizer.chat_template
-    template_file = os.path.join(path, "chat_template.jinja")
-    if os.path.exists(template_file):
-        with open(template_file) as fh:
-            chat_template = fh.read()
-    return _qwen2_5_vl_processor(image_processor, tokenizer, None, chat_template)
+    return qwen2_5_vl_processor(tiny_image_processor(**image_kwargs), tokenizer, None, tokenizer.chat_template)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -548,31 +276,6 @@ def build_tiny_model_dir(
 # Published tensor names
 # --------------------------------------------------------------------------------------------------------------------
 
-_TO_PUBLISHED = (
-    (re.compile(r"^model\.language_model\."), "model."),
-    (re.compile(r"^model\.visual\."), "visual."),
-)
-
-
-def to_published_name(name: str) -> str:
-    """``model.language_model.X`` -> ``model.X``, ``model.visual.X`` -> ``visual.X``; other names (``lm_head.weight``,
-    names already published) unchanged."""
-    for pattern, repl in _TO_PUBLISHED:
-        if pattern.match(name):
-            return pattern.sub(repl, name, count=1)
-    return name
-
-
-def from_published_name(name: str) -> str:
-    """Inverse of :func:`to_published_name`: ``visual.X`` -> ``model.visual.X``, ``model.X`` ->
-    ``model.language_model.X``."""
-    if name.startswith("visual."):
-        return "model." + name
-    if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
-        return "model.language_model." + name[len("model.") :]
-    return name
-
-
 def _ties_embeddings(model) -> bool:
     config = model.config
     return bool(getattr(config, "tie_word_embeddings", False))
@@ -581,14 +284,17 @@ def _ties_embeddings(model) -> bool:
 def published_state_dict(model) -> dict[str, torch.Tensor]:
     """The state dict of a ``Qwen2_5_VLForConditionalGeneration`` under the published Qwen2.5-VL names
     (``model.embed_tokens.weight``, ``model.layers.*``, ``model.norm.weight``, ``visual.*`` and, when the embeddings
-    are not tied, ``lm_head.weight``). Tensors are the model's own (not copies)."""
+    are not tied, ``lm_head.weight``), renamed by :func:`mssr_megatron.checkpoint.mapping.published_name`. Tensors are
+    the model's own (not copies)."""
+    from mssr_megatron.checkpoint.mapping import published_name
+
     state = model.state_dict()
     tied = _ties_embeddings(model)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if tied and name == "lm_head.weight":
             continue
-        published = to_published_name(name)
+        published = published_name(name)
         if published in out:
             raise ValueError(f"two tensors map to {published!r}")
         out[published] = tensor

@@ -6,7 +6,7 @@ Layout: tensors are laid end to end as raw bytes (row-major) in a uint8 tensor; 
 itemsize - 1 zero bytes of padding before it): SGLang rebuilds a tensor as `flat[start:end].view(dtype)`, which torch
 refuses at a misaligned byte offset (e.g. a float32 after three bfloat16 values). A bucket that needs no padding
 (e.g. one dtype) has exactly the unpadded layout of SGLang's `FlattenedTensorBucket.empty`, the receive buffer of
-update_weights_from_distributed. `BucketBuilder` writes tensors straight into a reused buffer, so streaming a whole
+update_weights_from_distributed. `stream_buckets` writes tensors straight into one reused buffer, so streaming a whole
 model costs one bucket plus the one tensor being added, never a second copy.
 """
 

@@ -38,7 +38,7 @@ class TokenPolicy:
         checkpoint's eos ids, minus blocked ids."""
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-        from mssr_megatron.models.tiny_hf import EOS_TOKEN
+        from mssr_megatron.models.special_tokens import EOS_TOKEN
         from mssr_megatron.rollout.sampling import blocked_token_ids
 
         path = os.fspath(model_dir)

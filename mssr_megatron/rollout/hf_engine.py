@@ -31,7 +31,9 @@ from typing import Iterable
 
 import torch
 
-from mssr_megatron.models.tiny_hf import EOS_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, load_processor, to_published_name
+from mssr_megatron.checkpoint.mapping import published_name
+from mssr_megatron.models.processor import load_processor
+from mssr_megatron.models.special_tokens import EOS_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 from mssr_megatron.rollout.buckets import WeightBucket, tensor_checksum
 from mssr_megatron.rollout.protocol import GenerationRequest, Rollout, SamplingParams
 from mssr_megatron.rollout.sampling import (
@@ -60,7 +62,7 @@ def published_to_module_names(model) -> dict[str, str]:
     for name in model.state_dict():
         if tied and name == "lm_head.weight":
             continue
-        published = to_published_name(name)
+        published = published_name(name)
         if published in names:
             raise ValueError(f"{names[published]!r} and {name!r} both publish as {published!r}")
         names[published] = name

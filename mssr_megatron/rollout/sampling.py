@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from mssr_megatron.models.tiny_hf import (
+from mssr_megatron.models.special_tokens import (
     ENDOFTEXT_TOKEN,
     IM_START_TOKEN,
     IMAGE_TOKEN,
