@@ -87,3 +87,57 @@ def test_export_reproduces_the_hf_state_dict(tmp_path, tp, pp):
         # the HF slice), far below the model itself.
         assert result["peak"] <= bucket + 4 * largest + 256 * 1024, (result["peak"], bucket, largest, model_bytes)
         assert result["peak"] < model_bytes / 2
+
+
+def _engine_worker(rank: int, model_dir: str, out_dir: str) -> None:
+    from megatron_harness import gather_tp_logits, megatron_batch
+
+    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.config import ModelConfig
+    from mssr_megatron.models.provider import run_microbatches
+    from mssr_megatron.models.tiny_hf import published_state_dict
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+    from mssr_megatron.rollout.weight_export import sync_weights
+
+    init_megatron(2, 1, seed=0)
+    try:
+        cfg, hf, inputs = tiny_case(tied=False)
+        actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"))
+        actor.load_hf_state(published_state_dict(hf))
+        with torch.no_grad():  # move the trainer away from the engine's initial weights
+            gen = torch.Generator().manual_seed(10)  # the same on every rank: replicated tensors stay replicas
+            for p in actor.module.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+        engine = None
+        if rank == 0:
+            from mssr_megatron.rollout.hf_engine import HFEngine
+
+            engine = HFEngine(model_dir)
+        sync_weights(actor.module, actor.dims, engine, bucket_bytes=128 * 1024, verify=rank == 0)
+        with torch.no_grad():
+            ours = gather_tp_logits(run_microbatches(actor.module.eval(), [megatron_batch(inputs)],
+                                                     forward_only=True)[0], cfg.text_config.vocab_size)
+        if rank == 0:
+            keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+            with torch.no_grad():
+                theirs = engine.model(**{k: inputs[k] for k in keys}).logits
+            valid = inputs["attention_mask"].bool()
+            torch.save({"diff": (ours - theirs)[valid].abs().max().item(),
+                        "moved": (theirs - hf(**{k: inputs[k] for k in keys}).logits)[valid].abs().max().item()},
+                       f"{out_dir}/engine.pt")
+    finally:
+        destroy_megatron()
+
+
+@pytest.mark.slow
+def test_engine_logits_equal_megatron_logits_after_a_weight_update(tmp_path):
+    from mssr_megatron.models.tiny_hf import build_tiny_model_dir
+
+    from megatron_harness import LAYERS, VOCAB
+
+    model_dir = build_tiny_model_dir(tmp_path / "model", seed=5, tie_word_embeddings=False, vocab_size=VOCAB,
+                                     num_layers=LAYERS)
+    spawn(_engine_worker, 2, str(model_dir), str(tmp_path))
+    result = torch.load(tmp_path / "engine.pt")
+    assert result["moved"] > 1e-2  # the update really changed the engine's weights ...
+    assert result["diff"] <= 1e-4  # ... to exactly what the TP=2 trainer computes with
