@@ -4,12 +4,12 @@ gets for the whole batch (real processes through torch.multiprocessing.spawn).""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mssr_megatron.parallel import free_port
 from mssr_megatron.algorithms import AdvantageBatch, compute_advantages
 from mssr_megatron.config import AlgorithmConfig
 
@@ -37,14 +37,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_normalise_over_the_global_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name in ("mssr", "reinforce_pp"):
         sharded = torch.cat([p[name] for p in parts])

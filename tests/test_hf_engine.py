@@ -25,7 +25,8 @@ from mssr_megatron.models.tiny_hf import (  # noqa: E402
     tiny_qwen2_5_vl_config,
 )
 from mssr_megatron.rollout.buckets import pack, stream_buckets, tensor_checksum  # noqa: E402
-from mssr_megatron.rollout.hf_engine import HFEngine, published_to_module_names  # noqa: E402
+from mssr_megatron.checkpoint.mapping import published_to_module_names  # noqa: E402
+from mssr_megatron.rollout.hf_engine import HFEngine  # noqa: E402
 from mssr_megatron.rollout.protocol import GenerationRequest, SamplingParams  # noqa: E402
 from mssr_megatron.rollout.sampling import BLOCKED_TOKENS, blocked_token_ids, sampling_scores  # noqa: E402
 

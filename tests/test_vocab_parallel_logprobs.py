@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mssr_megatron.parallel import free_port
 from mssr_megatron.ops import vocab_parallel_logprobs_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,16 +198,10 @@ def _tp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tp2_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
-    mp.spawn(_tp_worker, args=(_free_port(), str(out)), nprocs=2, join=True)  # raises if a worker fails
+    mp.spawn(_tp_worker, args=(free_port(), str(out)), nprocs=2, join=True)  # raises if a worker fails
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 

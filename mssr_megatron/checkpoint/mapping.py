@@ -211,3 +211,18 @@ def global_layer_name(local_name: str, layer_offset: int) -> str:
     """decoder.layers.<local i> -> decoder.layers.<offset + i> (pipeline stages number their layers from 0)."""
     return re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.",
                   local_name, count=1)
+
+
+def published_to_module_names(model) -> dict[str, str]:
+    """Published name -> name in a transformers Qwen2.5-VL model's state_dict, for every tensor a published checkpoint
+    holds (a tied ``lm_head.weight`` is not one of them)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    names: dict[str, str] = {}
+    for name in model.state_dict():
+        if tied and name == "lm_head.weight":
+            continue
+        published = published_name(name)
+        if published in names:
+            raise ValueError(f"{names[published]!r} and {name!r} both publish as {published!r}")
+        names[published] = name
+    return names

@@ -276,29 +276,15 @@ def build_tiny_model_dir(
 # Published tensor names
 # --------------------------------------------------------------------------------------------------------------------
 
-def _ties_embeddings(model) -> bool:
-    config = model.config
-    return bool(getattr(config, "tie_word_embeddings", False))
-
-
 def published_state_dict(model) -> dict[str, torch.Tensor]:
     """The state dict of a ``Qwen2_5_VLForConditionalGeneration`` under the published Qwen2.5-VL names
     (``model.embed_tokens.weight``, ``model.layers.*``, ``model.norm.weight``, ``visual.*`` and, when the embeddings
     are not tied, ``lm_head.weight``), renamed by :func:`mssr_megatron.checkpoint.mapping.published_name`. Tensors are
     the model's own (not copies)."""
-    from mssr_megatron.checkpoint.mapping import published_name
+    from mssr_megatron.checkpoint.mapping import published_to_module_names
 
     state = model.state_dict()
-    tied = _ties_embeddings(model)
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if tied and name == "lm_head.weight":
-            continue
-        published = published_name(name)
-        if published in out:
-            raise ValueError(f"two tensors map to {published!r}")
-        out[published] = tensor
-    return out
+    return {published: state[name] for published, name in published_to_module_names(model).items()}
 
 
 def save_published(model, out_dir: str | os.PathLike) -> list[str]:

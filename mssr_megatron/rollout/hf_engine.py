@@ -31,7 +31,7 @@ from typing import Iterable
 
 import torch
 
-from mssr_megatron.checkpoint.mapping import published_name
+from mssr_megatron.checkpoint.mapping import published_to_module_names
 from mssr_megatron.models.processor import load_processor
 from mssr_megatron.models.special_tokens import EOS_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 from mssr_megatron.rollout.buckets import WeightBucket, tensor_checksum
@@ -44,7 +44,7 @@ from mssr_megatron.rollout.sampling import (
     cut_response,
 )
 
-__all__ = ["HFEngine", "blocked_token_ids", "published_to_module_names"]
+__all__ = ["HFEngine", "blocked_token_ids"]
 
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # [1, S] per request: left-padded
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # [patches, ...] / [images, 3]: concatenated in row order
@@ -52,21 +52,6 @@ _IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # [patches, ...] / [images, 3]
 
 class RequestError(ValueError):
     """A problem with one request; it fails that request only."""
-
-
-def published_to_module_names(model) -> dict[str, str]:
-    """Published name -> name in ``model.state_dict()``, for every tensor a full published checkpoint holds (the
-    inverse of `published_state_dict`; a tied ``lm_head.weight`` is not one of them)."""
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    names: dict[str, str] = {}
-    for name in model.state_dict():
-        if tied and name == "lm_head.weight":
-            continue
-        published = published_name(name)
-        if published in names:
-            raise ValueError(f"{names[published]!r} and {name!r} both publish as {published!r}")
-        names[published] = name
-    return names
 
 
 def _load_image(image, index: int):
