@@ -147,6 +147,13 @@ def _broadcast_worker(rank: int, port: int, out_dir: str) -> None:
         sender.init_group()
         for bucket in buckets:
             sender.send(bucket, distributed_update_args(bucket)["load_format"])
+        # Rank 0 hosts the group's TCP store: it must outlive the receivers (as the trainer does), otherwise a
+        # receiver can abort at exit ("terminate called without an active exception", seen in CI).
+        import time
+
+        deadline = time.time() + 120
+        while time.time() < deadline and not all(os.path.exists(os.path.join(out_dir, f"rank{r}.pt")) for r in (1, 2)):
+            time.sleep(0.05)
         sender.close()
         return
     tb = s.load_tensor_bucket()
@@ -167,6 +174,10 @@ def _broadcast_worker(rank: int, port: int, out_dir: str) -> None:
         got = receive["receive_weights_from_distributed"](worker, group_name=name, **args)
         received.append([(n, t.clone()) for n, t in got])
     torch.save(received, os.path.join(out_dir, f"rank{rank}.pt"))
+    # A gloo group made by SGLang's init_custom_process_group, still alive when the interpreter tears down, can abort
+    # the process ("terminate called without an active exception"; a worker thread is destroyed while joinable).
+    # The results are on disk: leave without running C++ static destructors. (A serving engine never exits here.)
+    os._exit(0)
 
 
 def test_distributed_sender_meets_sglang_receiver(tmp_path):
