@@ -57,11 +57,14 @@ def _run(ctx: RunContext) -> dict:
                                f"(last: {ctx.actor.nonfinite}); checkpoint saved")
         if cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0:
             run_checkpoint.save(ctx)
+    saved = cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0  # this step is on disk already
     if stop.requested:
         log.warning("signal %s: saving a checkpoint at step %d and exiting", stop.signal_name, ctx.step)
-        run_checkpoint.save(ctx)
+        if not saved:
+            run_checkpoint.save(ctx)
         return {"preempted_at_step": ctx.step}
-    run_checkpoint.save(ctx)
+    if not saved:
+        run_checkpoint.save(ctx)
     return finish(ctx)
 
 

@@ -144,8 +144,8 @@ def supervised_warm_start(init_dir: str, train_path: str, val_path: str, out_dir
         optimizer.step()
         if step % setup.eval_every == 0:
             acc = accuracy()
-            history.append({"step": step, "loss": float(loss), "val_greedy_accuracy": acc})
-            log.info("make-tiny warm start: step %d loss %.3f greedy val accuracy %.3f", step, float(loss), acc)
+            history.append({"step": step, "loss": loss.item(), "val_greedy_accuracy": acc})
+            log.info("make-tiny warm start: step %d loss %.3f greedy val accuracy %.3f", step, loss.item(), acc)
             if setup.target_low <= acc <= setup.target_high:
                 best = step
                 break
