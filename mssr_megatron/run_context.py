@@ -1,10 +1,11 @@
 """Everything a training run holds, built once from the config: process groups, policy and reference models,
 the rollout engine, data, reward grader, algorithm state, metrics and checkpoints.
 
-Placement: the rollout engine lives on the weight owner of the first data-parallel replica (global rank 0 here: one
-engine for the job on CPU; GPU clusters get one per node from the factory). Rollouts and rewards are broadcast to
-every rank; each data-parallel replica trains on its slice of the rollouts; the algorithm state (tracker, forgetting
-rule) is kept identical on every rank.
+Placement: one rollout engine for the job, on global rank 0 (the weight owner of the first data-parallel replica),
+which generates every rollout of the step. Rollouts and rewards are broadcast to every rank; each data-parallel
+replica trains on its slice of the rollouts; the algorithm state (tracker, forgetting rule) is kept identical on every
+rank. One engine per node, each generating its replica's share, is the next step for multi-node GPU jobs (the engine
+factory and the weight export already work per owner rank).
 """
 
 from __future__ import annotations
