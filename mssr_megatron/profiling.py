@@ -2,9 +2,12 @@
 
 `peak_allocated_bytes(fn)` replays the allocation/free events that `torch.profiler` records with
 profile_memory=True and returns the highest net number of bytes the CPU allocator held above the level at the start.
+`timings(fn, repeats, warmup)` is the wall-clock loop the benchmarks share (report medians, never assert on them).
 """
 
 from __future__ import annotations
+
+import time
 
 from torch.profiler import ProfilerActivity, profile
 
@@ -35,3 +38,15 @@ def peak_allocated_bytes(fn):
         running += size
         peak = max(peak, running)
     return peak, result
+
+
+def timings(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of `repeats` calls of fn() after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out

@@ -14,23 +14,17 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import torch
 
 from mssr_megatron.algorithms import BetaBaselineTracker, compute_advantages, compute_policy_loss, shape_advantages
 from mssr_megatron.algorithms.advantages import AdvantageBatch
 from mssr_megatron.config import AlgorithmConfig
+from mssr_megatron.profiling import timings
 
 
 def timed(fn, repeats: int, warmup: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times = timings(fn, repeats, warmup)
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "repeats": repeats}
 
 

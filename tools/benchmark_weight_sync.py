@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -36,7 +35,7 @@ def _worker(rank: int, args, out_path: str) -> None:
     from mssr_megatron.config import ModelConfig
     from mssr_megatron.models.tiny_hf import tiny_qwen2_5_vl_config
     from mssr_megatron.parallel import destroy_megatron, init_megatron
-    from mssr_megatron.profiling import peak_allocated_bytes
+    from mssr_megatron.profiling import peak_allocated_bytes, timings
     from mssr_megatron.rollout.weight_export import export_full_weights, is_weight_owner, sync_weights
 
     init_megatron(args.tp, args.pp, seed=0)
@@ -61,13 +60,7 @@ def _worker(rank: int, args, out_path: str) -> None:
             offset += n
 
     def timed(fn):
-        fn()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(timings(fn, args.repeats))
 
     export_s = timed(lambda: sync_weights(actor.module, actor.dims, TouchEngine(), bucket_bytes=bucket))
     copy_s = timed(plain_copy) if is_weight_owner() else float("nan")

@@ -14,6 +14,7 @@ shard of one Megatron parameter, and the shards of all TP ranks back into HF ten
 
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass
 
@@ -38,17 +39,19 @@ class ModelDims:
 
 
 @dataclass(frozen=True)
-class Mapping:
-    """One Megatron parameter and the HF tensors it is made of."""
+class Mapping(abc.ABC):
+    """One Megatron parameter and the HF tensors it is made of; subclasses are the shard rules."""
 
     megatron: str
     hf: tuple[str, ...]
 
+    @abc.abstractmethod
     def to_shard(self, hf: list[torch.Tensor], rank: int, size: int, dims: ModelDims) -> torch.Tensor:
-        raise NotImplementedError  # every subclass defines it; Mapping itself is never in the table
+        """This TP rank's shard of the Megatron parameter, from the full HF tensors (in `self.hf` order)."""
 
+    @abc.abstractmethod
     def to_hf(self, shards: list[torch.Tensor], dims: ModelDims) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The full HF tensors (in `self.hf` order) from the shards of every TP rank (in rank order)."""
 
 
 class Replicated(Mapping):
