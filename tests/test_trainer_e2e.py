@@ -81,3 +81,34 @@ def test_bad_config_fails_before_any_work_with_one_line(tmp_path, assets, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mssr train: error: ") and expected in err[0], err
     assert not run_dir.exists()  # nothing was started or written
+
+
+def _nan_worker(rank: int, config_path: str, extra: list, out_dir: str) -> None:
+    from mssr_megatron.algorithms.pipeline import RLAlgorithm
+    from mssr_megatron.config import load_config
+    from mssr_megatron.trainer import train
+
+    original = RLAlgorithm.loss
+
+    def nan_loss(self, *args, **kwargs):  # a loss that turns non-finite, as a diverging run's would
+        loss, metrics = original(self, *args, **kwargs)
+        return loss * float("nan"), metrics
+
+    RLAlgorithm.loss = nan_loss
+    try:
+        train(load_config(config_path, extra))
+    except RuntimeError as exc:
+        with open(f"{out_dir}/error.txt", "w") as f:
+            f.write(str(exc))
+
+
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_reported_and_stop_the_run_with_a_checkpoint(tmp_path, assets):
+    run_dir = tmp_path / "run"
+    extra = overrides(assets, str(run_dir), "trainer.total_steps=4", "trainer.max_nonfinite_steps=1")
+    spawn(_nan_worker, 1, "examples/configs/tiny_cpu.yaml", extra, str(tmp_path))
+    error = (tmp_path / "error.txt").read_text()
+    assert error.startswith("stopping at step 2: 2 steps had non-finite values (last: loss)"), error
+    steps = [m for m in _metrics(run_dir) if m["step"] > 0]
+    assert [m["step"] for m in steps] == [1, 2] and all(m["actor/update_skipped"] == 1.0 for m in steps)
+    assert (run_dir / "checkpoints" / "step_000002" / "COMPLETE").exists()
