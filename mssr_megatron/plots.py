@@ -180,7 +180,7 @@ def _colors(labels: list[str]) -> dict[str, str]:
 def _new_figure(n_panels: int, ncols_max: int = 3, panel_size=(4.6, 3.2)):
     from matplotlib.figure import Figure
 
-    ncols = min(n_panels, ncols_max)
+    ncols = 2 if n_panels == 4 else min(n_panels, ncols_max)
     nrows = math.ceil(n_panels / ncols)
     fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows + 0.9), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -277,11 +277,13 @@ def _plot_step_time(groups: dict[str, list[_Run]], out_dir: str) -> str | None:
         if "time/step" in curves:
             steps, mean, _, _ = curves["time/step"]
             ax.plot(steps, mean, color="black", linewidth=1.2, label="step (total)")
-        ax.set_title(_legend_label(label, len(group)), fontsize=10)
+        ax.set_title(label if len(group) == 1 else f"{label} (mean of {len(group)} runs)", fontsize=10)
         ax.set_xlabel("RL step")
         ax.set_ylabel("seconds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", ncol=2)
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(0, top + 0.35 * (top - min(bottom, 0)))  # headroom: the legend sits above the curves
+        ax.legend(fontsize=8, loc="upper left", ncol=3)
     return _finish(fig, "Step time by phase (untimed work = gap below the total)", [], [],
                    os.path.join(out_dir, f"{STEP_TIME}.png"))
 
