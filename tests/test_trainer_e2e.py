@@ -56,7 +56,7 @@ def test_every_estimator_runs_two_steps(tmp_path, assets):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
 def test_loop_trains_with_tensor_and_pipeline_parallelism(tmp_path, assets, tp, pp):
     extra = overrides(assets, str(tmp_path / "run"), f"parallel.tensor_model_parallel_size={tp}",
                       f"parallel.pipeline_model_parallel_size={pp}")

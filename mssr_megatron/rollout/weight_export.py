@@ -90,7 +90,7 @@ def _recv_object(src: int):
 
 def sync_weights(model, dims: ModelDims, engine, bucket_bytes: int, dtype: torch.dtype | None = None,
                  verify: bool = False) -> dict[str, float]:
-    """Push the model's current weights into `engine` (on the owner; other ranks only send) and report
+    """Push the model's current weights into `engine` (on an owner that holds one; other ranks only send) and report
     bytes, buckets, seconds and GB/s. verify=True compares the engine's checksums with what was sent."""
     start = time.perf_counter()
     sent: dict[str, str] = {}
@@ -105,15 +105,15 @@ def sync_weights(model, dims: ModelDims, engine, bucket_bytes: int, dtype: torch
                 sent.update(bucket.checksums())
             yield bucket
 
-    if is_weight_owner():
+    if is_weight_owner() and engine is not None:
         engine.update_weights(buckets())
-    else:
+    else:  # other ranks only send (or help gather); an owner without an engine (another DP replica) drops the stream
         for _ in export_full_weights(model, dims, dtype):
             pass
     seconds = time.perf_counter() - start
     metrics = {"sync/bytes": float(total), "sync/buckets": float(count), "sync/seconds": seconds,
                "sync/gb_per_s": total / seconds / 1e9 if seconds > 0 else 0.0}
-    if verify and is_weight_owner():
+    if verify and is_weight_owner() and engine is not None:
         held = engine.weight_checksums()
         bad = sorted(name for name, digest in sent.items() if held.get(name) != digest)
         if bad:
