@@ -5,8 +5,6 @@ Per-token tensors are [B, L-1] (see experience.py); B is the step's rollouts (pr
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -164,7 +162,3 @@ def kl_and_mismatch(old_logprobs, ref_logprobs, rollout_logprobs, mask) -> dict[
     out.update({f"mismatch/{k}": float(v) for k, v in mismatch.items()})
     return out
 
-
-def finite_or_nan(x) -> float:
-    x = float(x)
-    return x if math.isfinite(x) else float("nan")

@@ -74,6 +74,7 @@ def build_context(cfg: RunConfig) -> RunContext:
     """Set up the whole run. Config and data problems are raised here, before any model is built."""
     from mssr_megatron.actor import MegatronActor
     from mssr_megatron.algorithms.pipeline import RLAlgorithm
+    from mssr_megatron.checkpoint.dist_io import HFTensors
     from mssr_megatron.data.prompts import load_split
     from mssr_megatron.data.sampler import PromptSampler
     from mssr_megatron.metrics import MetricsLogger
@@ -103,13 +104,13 @@ def build_context(cfg: RunConfig) -> RunContext:
             log.info(val_set.summary())
     total_updates = cfg.trainer.total_steps * cfg.optimizer_steps_per_step
     actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_updates)
-    actor.load_hf_state(_published_weights(cfg.model.hf_path))
+    actor.load_hf_state(HFTensors(cfg.model.hf_path))
     needs_reference = (cfg.algorithm.use_kl_loss or cfg.algorithm.kl_in_reward
                        or cfg.algorithm.baseline.rho_rule == "kl_window")
     reference = None
     if needs_reference:
         reference = MegatronActor(hf_config, cfg.model)
-        reference.load_hf_state(_published_weights(cfg.model.ref_hf_path or cfg.model.hf_path))
+        reference.load_hf_state(HFTensors(cfg.model.ref_hf_path or cfg.model.hf_path))
     engine = None
     if rank0:
         from mssr_megatron.rollout.factory import build_engine
@@ -125,23 +126,6 @@ def build_context(cfg: RunConfig) -> RunContext:
                       engine=engine, grader=grader, algo=algo, train=train_set, val=val_set, sampler=sampler,
                       logger=logger, blocked_ids=blocked_token_ids(processor.tokenizer, hf_config.text_config.vocab_size),
                       run_dir=run_dir)
-
-
-def _published_weights(model_dir: str) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF checkpoint directory under its published name (both saved layouts accepted)."""
-    import glob
-
-    from safetensors.torch import load_file
-
-    from mssr_megatron.checkpoint.mapping import published_name
-
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir!r}")
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update((published_name(k), v) for k, v in load_file(path).items())
-    return state
 
 
 def broadcast_object(obj, src: int = 0):
