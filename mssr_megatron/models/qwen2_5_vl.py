@@ -38,7 +38,10 @@ def _te_available() -> bool:
 
 
 def layer_spec(model_cfg):
-    """The transformer layer spec for model.transformer_impl: 'local' or 'transformer_engine' (GPU only)."""
+    """The transformer layer spec for model.transformer_impl: 'local' or 'transformer_engine'.
+
+    The Transformer Engine spec (and FP8 through it) is GPU-only and has not been run: no GPU was available; only its
+    config plumbing and the missing-TE error are tested on CPU."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,

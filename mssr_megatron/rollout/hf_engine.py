@@ -271,8 +271,8 @@ class HFEngine:
     # ------------------------------------------------------------------------------------------------ memory
 
     def release_memory(self) -> None:
-        """CUDA: move the weights to host memory and empty the cache (there is no KV cache between calls). CPU:
-        nothing to free; a no-op that keeps the model, so generate still works."""
+        """CUDA: move the weights to host memory and empty the cache (there is no KV cache between calls); GPU-only:
+        not run here (no CUDA; its test is skipped). CPU: nothing to free; a no-op that keeps the model."""
         self._check_alive()
         if self.device.type == "cuda" and not self._released:
             self.model.to("cpu")
