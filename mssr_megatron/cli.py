@@ -7,6 +7,8 @@
     mssr make-tiny [--out runs/tiny]                      the embedded default: tiny Qwen2.5-VL + synthetic data
     mssr train CONFIG [key=value ...]                     RL training (torchrun/srun for several processes)
     mssr plot RUN_DIR [RUN_DIR ...] [--out DIR]           PNG curves, several runs overlaid
+    mssr bench CONFIG [key=value ...] [--out F.json]      throughput: tokens/s per phase, MFU, memory (+ HF ratio)
+    mssr bench --study [--seeds ...] [--docs F.md]        efficiency study: estimators at equal rollouts, seeds
 """
 
 from __future__ import annotations
@@ -74,6 +76,17 @@ def _plot(args: argparse.Namespace) -> int:
     return main_plot(args.plot_args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.study:
+        from mssr_megatron.study import run_study
+
+        return run_study(args, "mssr " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "mssr bench")
+    from mssr_megatron.bench.throughput import run_benchmark
+
+    _setup_logging()
+    return run_benchmark(args)
+
+
 def _setup_logging() -> None:
     import logging
     import warnings
@@ -128,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                           add_help=False)
     plot.add_argument("plot_args", nargs=argparse.REMAINDER, help="run directories and plot options")
     plot.set_defaults(func=_plot)
+
+    bench = sub.add_parser("bench", help="throughput benchmark of a config, or (--study) the efficiency study")
+    bench.add_argument("--study", action="store_true", help="run the estimator efficiency study instead")
+    from mssr_megatron.bench.throughput import add_bench_arguments
+    from mssr_megatron.study import add_study_arguments
+
+    add_bench_arguments(bench)
+    add_study_arguments(bench.add_argument_group("study (--study)"))
+    bench.set_defaults(func=_bench)
 
     from mssr_megatron.checkpoint.convert_cli import add_convert_arguments
 

@@ -1,0 +1,1 @@
+"""Benchmarks: throughput of a config (`mssr bench`); the estimator efficiency study lives in mssr_megatron.study."""

@@ -1,0 +1,243 @@
+"""The efficiency study: estimators at an equal rollout budget, several seeds, steps to a target accuracy.
+
+    mssr bench --study [--configs A.yaml B.yaml ...] [--seeds 0 1 2] [--steps 100] [--val-every 10]
+                       [--reference grpo] [--study-out runs/study] [--docs docs/efficiency_study.md]
+
+Each (config, seed) pair is one ordinary `mssr train` run in its own process (trainer, data-order and rollout seeds all
+set to the seed), written to <out>/<estimator>/seed_<s>; finished runs (a summary.json) are reused, so an interrupted
+study continues where it stopped. The report then reads every run's metrics.jsonl:
+
+- target accuracy: the reference estimator's final validation accuracy (mean over its seeds);
+- steps to target: the first validation step at which an estimator's seed-mean validation curve reaches the target
+  (and per seed, its median); the ratio is an estimator's steps over the reference's;
+- final validation accuracy (mean, min, max over seeds) and the policy entropy at the start and the end.
+
+It writes <out>/study.json, the figures (validation accuracy and entropy, mean with a min-max band over seeds) and a
+Markdown report with the exact command, and prints the table. Whatever the outcome, the numbers are the measured ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from mssr_megatron.metrics import SUMMARY_FILE, read_metrics
+
+DEFAULT_CONFIGS = ("examples/configs/tiny_cpu.yaml", "examples/configs/tiny_cpu_mvsr.yaml",
+                   "examples/configs/tiny_cpu_grpo.yaml")
+VAL_KEY = "val/accuracy"
+ENTROPY_KEY = "actor/entropy"
+
+
+def _estimator(config: str) -> str:
+    from mssr_megatron.config import load_config
+
+    return load_config(config, []).algorithm.estimator
+
+
+def run_dir(out: str, estimator: str, seed: int) -> str:
+    return os.path.join(out, estimator, f"seed_{seed}")
+
+
+def train_command(config: str, seed: int, directory: str, steps: int, val_every: int) -> list[str]:
+    """The `mssr train` command of one study run (checkpoints and HF export off: the study only reads metrics)."""
+    return [sys.executable, "-m", "mssr_megatron.cli", "train", config,
+            f"trainer.seed={seed}", f"rollout.seed={seed}", f"data.seed={seed}",
+            f"trainer.total_steps={steps}", f"trainer.val_every={val_every}", f"trainer.output_dir={directory}",
+            "checkpoint.save_every=0", "checkpoint.export_hf_at_end=false", "logging.progress_bar=false",
+            "logging.tensorboard=false"]
+
+
+def run_all(configs: list[str], seeds: list[int], out: str, steps: int, val_every: int) -> dict[str, list[str]]:
+    """Train every (config, seed) not finished yet; returns {estimator: [run dirs]} in config order."""
+    runs: dict[str, list[str]] = {}
+    for config in configs:
+        estimator = _estimator(config)
+        for seed in seeds:
+            directory = run_dir(out, estimator, seed)
+            runs.setdefault(estimator, []).append(directory)
+            if os.path.isfile(os.path.join(directory, SUMMARY_FILE)):
+                print(f"[study] {estimator} seed {seed}: done already ({directory})", flush=True)
+                continue
+            cmd = train_command(config, seed, directory, steps, val_every)
+            print(f"[study] {estimator} seed {seed}: {shlex.join(cmd[1:])}", flush=True)
+            start = time.time()
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, "train.log"), "w") as log:
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+            if rc != 0:
+                raise RuntimeError(f"study run {directory} failed (exit {rc}); see {directory}/train.log")
+            print(f"[study] {estimator} seed {seed}: {time.time() - start:.0f} s", flush=True)
+    return runs
+
+
+def _series(run: str, key: str) -> dict[int, float]:
+    return {int(r["step"]): float(r[key]) for r in read_metrics(run)
+            if key in r and r[key] is not None and np.isfinite(r[key])}
+
+
+def steps_to_target(curve: dict[int, float], target: float) -> int | None:
+    """First step whose value is >= target (None if never)."""
+    return next((s for s in sorted(curve) if curve[s] >= target - 1e-12), None)
+
+
+def _mean_curve(runs: list[str], key: str) -> dict[int, float]:
+    """Mean over runs at the steps every run has."""
+    series = [_series(r, key) for r in runs]
+    common = set.intersection(*(set(s) for s in series)) if series else set()
+    return {step: float(np.mean([s[step] for s in series])) for step in sorted(common)}
+
+
+def _edge_mean(run: str, key: str, last: bool, span: int = 10) -> float:
+    values = [v for _, v in sorted(_series(run, key).items())]
+    part = values[-span:] if last else values[:span]
+    return float(np.mean(part)) if part else float("nan")
+
+
+def summarise(runs: dict[str, list[str]], reference: str) -> dict:
+    """The study's numbers from the runs' metrics (see the module docstring)."""
+    if reference not in runs:
+        raise ValueError(f"reference estimator {reference!r} is not among the study's runs {sorted(runs)}")
+    mean_val = {name: _mean_curve(dirs, VAL_KEY) for name, dirs in runs.items()}
+    ref_curve = mean_val[reference]
+    target = ref_curve[max(ref_curve)]
+    ref_steps = steps_to_target(ref_curve, target)
+    rows = {}
+    for name, dirs in runs.items():
+        curve = mean_val[name]
+        finals = [_series(d, VAL_KEY)[max(_series(d, VAL_KEY))] for d in dirs]
+        per_seed = [steps_to_target(_series(d, VAL_KEY), target) for d in dirs]
+        reached = [s for s in per_seed if s is not None]
+        steps = steps_to_target(curve, target)
+        rows[name] = {
+            "seeds": len(dirs),
+            "initial_val_accuracy": curve[min(curve)],
+            "final_val_accuracy_mean": float(np.mean(finals)),
+            "final_val_accuracy_min": float(np.min(finals)),
+            "final_val_accuracy_max": float(np.max(finals)),
+            "best_val_accuracy_of_mean_curve": max(curve.values()),
+            "steps_to_target_mean_curve": steps,
+            "steps_to_target_ratio": (steps / ref_steps) if steps is not None and ref_steps else None,
+            "steps_to_target_per_seed": per_seed,
+            "seeds_reaching_target": len(reached),
+            "steps_to_target_median_of_reaching_seeds": float(np.median(reached)) if reached else None,
+            "entropy_first10_mean": float(np.mean([_edge_mean(d, ENTROPY_KEY, last=False) for d in dirs])),
+            "entropy_last10_mean": float(np.mean([_edge_mean(d, ENTROPY_KEY, last=True) for d in dirs])),
+            "val_curve_mean": {str(k): v for k, v in curve.items()},
+        }
+    return {"reference": reference, "target_val_accuracy": target, "rows": rows}
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "not reached" if x is None else format(x, spec)
+
+
+def format_table(summary: dict) -> str:
+    head = ("| estimator | seeds | val acc start | final val acc: mean [min, max] | steps to target (mean curve) "
+            f"| ratio vs {summary['reference']} | seeds reaching target (median steps) | entropy first 10 -> last 10 |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for name, r in summary["rows"].items():
+        median = r["steps_to_target_median_of_reaching_seeds"]
+        lines.append(
+            f"| {name} | {r['seeds']} | {r['initial_val_accuracy']:.3f} | {r['final_val_accuracy_mean']:.3f} "
+            f"[{r['final_val_accuracy_min']:.3f}, {r['final_val_accuracy_max']:.3f}] "
+            f"| {_fmt(r['steps_to_target_mean_curve'], 'd')} | {_fmt(r['steps_to_target_ratio'], '.2f')} "
+            f"| {r['seeds_reaching_target']}/{r['seeds']} ({_fmt(median, '.0f')}) "
+            f"| {r['entropy_first10_mean']:.3f} -> {r['entropy_last10_mean']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_study(runs: dict[str, list[str]], fig_dir: str) -> list[str]:
+    """Validation accuracy and entropy figures: per estimator the mean over seeds with a min-max band."""
+    from mssr_megatron.plots import plot_runs
+
+    dirs = [d for group in runs.values() for d in group]
+    labels = [name for name, group in runs.items() for _ in group]
+    paths = plot_runs(dirs, fig_dir, labels=labels)
+    return [p for p in paths if os.path.basename(p) in ("accuracy.png", "entropy.png")]
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
+                        help="one config per estimator, all at the same rollouts per step (default: tiny CPU "
+                             "MSSR, MVSR, GRPO)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
+    parser.add_argument("--steps", type=int, default=100, help="RL steps per run (default 100)")
+    parser.add_argument("--val-every", type=int, default=10, help="validation every N steps (default 10)")
+    parser.add_argument("--reference", default="grpo", help="estimator whose final accuracy is the target")
+    parser.add_argument("--study-out", default="runs/study", help="folder of the runs, study.json and figures")
+    parser.add_argument("--docs", default=None, help="also write the Markdown report here (e.g. "
+                                                     "docs/efficiency_study.md; figures go next to it)")
+    return parser
+
+
+def setup_table(configs: list[str], steps: int, val_every: int) -> str:
+    """The settings that make the comparison fair (equal rollouts per step), read from the configs themselves."""
+    from mssr_megatron.config import load_config
+
+    lines = ["| estimator | config | prompts x rollouts per step | lr | mini-batch | temperature (val) | steps "
+             "| val every | val prompts |", "|---|---|---|---|---|---|---|---|---|"]
+    for config in configs:
+        c = load_config(config, [])
+        with open(c.data.val_path, encoding="utf-8") as f:
+            n_val = sum(1 for line in f if line.strip())
+        lines.append(f"| {c.algorithm.estimator} | `{config}` | {c.data.prompts_per_step} x {c.rollout.n} "
+                     f"| {c.optimizer.lr:g} | {c.optimizer.mini_batch_size} | {c.rollout.temperature:g} "
+                     f"({c.rollout.val_temperature:g}) | {steps} | {val_every} | {n_val} |")
+    return "\n".join(lines)
+
+
+def outcome(summary: dict) -> str:
+    """One measured sentence per estimator against the reference: steps to the target and the final accuracy."""
+    ref = summary["reference"]
+    ref_row = summary["rows"][ref]
+    out = []
+    for name, r in summary["rows"].items():
+        if name == ref:
+            continue
+        steps = r["steps_to_target_mean_curve"]
+        reach = (f"reached the target at step {steps} against {ref}'s {ref_row['steps_to_target_mean_curve']} "
+                 f"(ratio {r['steps_to_target_ratio']:.2f})" if steps is not None else "did not reach the target")
+        out.append(f"- {name} {reach}; final validation accuracy {r['final_val_accuracy_mean']:.3f} against "
+                   f"{ref}'s {ref_row['final_val_accuracy_mean']:.3f} (means over {r['seeds']} seeds).")
+    return "\n".join(out)
+
+
+def write_report(summary: dict, figures: list[str], command: str, path: str, setup: str) -> None:
+    rel = [os.path.relpath(f, os.path.dirname(os.path.abspath(path))) for f in figures]
+    text = [f"# Efficiency study: {', '.join(summary['rows'])} at equal rollouts per step", "",
+            f"Made by `{command}` (generated file; the runs are in the study folder, the numbers in its study.json).",
+            "", "## Setup", "", setup, "",
+            "## Result", "",
+            f"Target accuracy: {summary['target_val_accuracy']:.3f} = the final validation accuracy of "
+            f"{summary['reference']} (mean over its seeds). Steps to target: the first validation step at which the "
+            "seed-mean validation accuracy reaches the target; ratio = those steps over the reference's.", "",
+            format_table(summary), "", outcome(summary), ""]
+    text += [f"![{os.path.splitext(os.path.basename(r))[0]}]({r})" for r in rel]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(text) + "\n")
+
+
+def run_study(args: argparse.Namespace, command: str) -> int:
+    runs = run_all(args.configs, args.seeds, args.study_out, args.steps, args.val_every)
+    summary = summarise(runs, args.reference)
+    summary["command"] = command
+    with open(os.path.join(args.study_out, "study.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    fig_dir = os.path.join(os.path.dirname(args.docs) or ".", "figures", "efficiency_study") if args.docs \
+        else os.path.join(args.study_out, "figures")
+    figures = plot_study(runs, fig_dir)
+    print(format_table(summary))
+    print(f"study: {os.path.join(args.study_out, 'study.json')}; figures: {', '.join(figures)}")
+    if args.docs:
+        write_report(summary, figures, command, args.docs, setup_table(args.configs, args.steps, args.val_every))
+        print(f"report: {args.docs}")
+    return 0
