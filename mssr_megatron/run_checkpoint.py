@@ -93,6 +93,7 @@ def save(ctx) -> str:
     dist_checkpointing.save(_sharded_state(ctx), os.path.join(tmp, "model"))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank()}.pt"))
     if _rank() == 0:
+        _write_conversion_metadata(ctx, os.path.join(tmp, "model"))
         torch.save({"step": ctx.step, "scheduler": ctx.actor.scheduler.state_dict(), "algorithm": ctx.algo.state_dict(),
                     "sampler": ctx.sampler.state_dict(), "world_size": dist.get_world_size()},
                    os.path.join(tmp, "trainer_state.pt"))
@@ -107,6 +108,20 @@ def save(ctx) -> str:
         log.info("checkpoint saved: %s", final)
     _barrier()
     return final
+
+
+def _write_conversion_metadata(ctx, model_dir: str) -> None:
+    """So that `mssr convert --to hf --input <save_dir>/step_N` exports this checkpoint (the model part)."""
+    from megatron.core import parallel_state as ps
+
+    from mssr_megatron.checkpoint.convert import write_metadata
+
+    dims, text = ctx.actor.dims, ctx.hf_config.text_config
+    write_metadata(model_dir, ctx.cfg.model.hf_path, tp=ps.get_tensor_model_parallel_world_size(),
+                   pp=ps.get_pipeline_model_parallel_world_size(), dtype=ctx.cfg.model.params_dtype,
+                   vocab_size=dims.vocab_size, padded_vocab_size=dims.padded_vocab_size,
+                   num_layers=text.num_hidden_layers, tie_word_embeddings=bool(ctx.hf_config.tie_word_embeddings),
+                   state_key="model")
 
 
 def resolve_resume(cfg) -> str | None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
+import torch
 
 from megatron_harness import spawn
 from trainer_assets import build_assets, overrides
@@ -59,12 +61,28 @@ def test_every_estimator_runs_two_steps(tmp_path, assets):
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
 def test_loop_trains_with_tensor_and_pipeline_parallelism(tmp_path, assets, tp, pp):
     extra = overrides(assets, str(tmp_path / "run"), f"parallel.tensor_model_parallel_size={tp}",
-                      f"parallel.pipeline_model_parallel_size={pp}")
+                      f"parallel.pipeline_model_parallel_size={pp}", "checkpoint.export_hf_at_end=true")
     spawn(_train_worker, 2, [("examples/configs/tiny_cpu.yaml", extra)])
     steps = [m for m in _metrics(tmp_path / "run") if m["step"] > 0]
     assert [m["step"] for m in steps] == [1, 2]
     assert all(math.isfinite(m["actor/loss"]) and math.isfinite(m["actor/grad_norm"]) for m in steps)
     assert all(m["mismatch/max_abs_diff"] < 1e-4 for m in steps)  # engine and trainer agree on log-probs
+
+    # The run checkpoint converts to HF at another layout (TP=PP=1) and equals the trainer's own export of the
+    # in-memory weights at the same step.
+    from safetensors.torch import load_file
+
+    from mssr_megatron.checkpoint.convert import megatron_to_hf
+
+    out = megatron_to_hf(tmp_path / "run" / "checkpoints" / "step_000002", tmp_path / "converted", progress=False)
+    converted = {}
+    for name in os.listdir(out):
+        if name.endswith(".safetensors"):
+            converted.update(load_file(os.path.join(out, name)))
+    exported = load_file(str(tmp_path / "run" / "hf" / "model.safetensors"))
+    assert sorted(converted) == sorted(exported)
+    for name, tensor in exported.items():
+        assert torch.equal(converted[name], tensor), name
 
 
 @pytest.mark.parametrize("override,expected", [

@@ -247,18 +247,28 @@ def _uncovered_parameter(model, sharded_state_dict) -> str | None:
     return None
 
 
-def load_megatron_checkpoint(model, ckpt_dir: str) -> None:
+def load_megatron_checkpoint(model, ckpt_dir: str, state_key: str | None = None) -> None:
     """Load a dist_checkpointing checkpoint into this rank's stage (any TP/PP: dist_checkpointing reshards). Keys
-    missing from the checkpoint or unexpected in it fail with ConversionError."""
+    missing from the checkpoint fail with ConversionError, and so do unexpected ones, except the optimizer state that
+    a trainer run checkpoint holds beside the model (under `state_key`)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir, strict=StrictHandling.RAISE_ALL)
-        model.load_state_dict(state)
+        request = model.sharded_state_dict() if state_key is None else {state_key: model.sharded_state_dict()}
+        # megatron's naming: "unexpected" = requested by the model but absent from the checkpoint, "missing" = in the
+        # checkpoint but not requested.
+        state, not_requested, absent = dist_checkpointing.load(request, ckpt_dir, strict=StrictHandling.RETURN_ALL)
     except (CheckpointingException, KeyError, RuntimeError) as exc:
         raise ConversionError(f"cannot load {ckpt_dir}: {(str(exc).splitlines() or [''])[0]}") from None
+    extra = sorted(k for k in not_requested if not k.startswith("optimizer."))
+    for keys, what in ((sorted(absent), "lacks"), (extra, "holds an unexpected")):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ConversionError(f"cannot load {ckpt_dir}: the checkpoint {what} tensor {keys[0]}{more}; "
+                                  f"was it written for this model (hf_config/config.json)?")
+    model.load_state_dict(state if state_key is None else state[state_key])
 
 
 def _to_hf_rank(rank: int, tmp: str, ckpt_dir: str, tp: int, pp: int, dtype: str, progress: bool):
@@ -271,7 +281,7 @@ def _to_hf_rank(rank: int, tmp: str, ckpt_dir: str, tp: int, pp: int, dtype: str
     meta = _read_metadata(ckpt_dir)
     with _megatron_world(tp, pp):
         _, model, dims = _build(os.path.join(ckpt_dir, HF_CONFIG_DIR), meta["dtype"])
-        load_megatron_checkpoint(model, ckpt_dir)
+        load_megatron_checkpoint(model, ckpt_dir, meta.get("state_key"))
         stage = ps.get_pipeline_model_parallel_rank()
         writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         parts, current, size = [], {}, 0
@@ -298,6 +308,27 @@ def _to_hf_rank(rank: int, tmp: str, ckpt_dir: str, tp: int, pp: int, dtype: str
 
 
 # ---------------------------------------------------------------------------------------------------------- API
+def write_metadata(ckpt_dir: str, hf_dir: str, index: dict | None = None, *, tp: int, pp: int, dtype: str,
+                   vocab_size: int, padded_vocab_size: int, num_layers: int, tie_word_embeddings: bool,
+                   state_key: str | None = None) -> None:
+    """Make the dist_checkpointing directory `ckpt_dir` convertible back to HF: write `mssr_checkpoint.json` and copy
+    the HF config, tokenizer and processor files of `hf_dir` (the model it started from) into `hf_config/`.
+    Used by hf_to_megatron and by the trainer's run checkpoints, whose model state sits under `state_key` ("model",
+    beside "optimizer")."""
+    index = hf_tensor_index(hf_dir) if index is None else index
+    dtypes = [_SAFETENSORS_DTYPES.get(d, dtype) for _, _, d, _ in index.values()]
+    meta = dict(format=FORMAT, format_version=FORMAT_VERSION, model_type=MODEL_TYPE, source_tp=tp, source_pp=pp,
+                dtype=dtype, hf_dtype=max(set(dtypes), key=dtypes.count) if dtypes else dtype,
+                vocab_size=vocab_size, padded_vocab_size=padded_vocab_size, num_layers=num_layers,
+                tie_word_embeddings=tie_word_embeddings, state_key=state_key,
+                hf_tensors={name: shape for name, (_, _, _, shape) in sorted(index.items())})
+    if tie_word_embeddings:
+        meta["hf_tensors"].pop("lm_head.weight", None)
+    with open(os.path.join(ckpt_dir, METADATA_FILE), "w") as fh:
+        json.dump(meta, fh, indent=1)
+    copy_non_weight_files(hf_dir, os.path.join(ckpt_dir, HF_CONFIG_DIR))
+
+
 def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None, overwrite: bool = False,
                    progress: bool = True) -> str:
     """Convert the Hugging Face Qwen2.5-VL directory `hf_dir` into a Megatron distributed checkpoint at `out_dir`,
@@ -311,14 +342,7 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None, overwr
     out = check_output_path(os.fspath(out_dir), overwrite, hf_dir)
 
     def finalize(tmp: str, results: list) -> None:
-        meta = dict(format=FORMAT, format_version=FORMAT_VERSION, model_type=MODEL_TYPE, source_tp=tp, source_pp=pp,
-                    dtype=dtype, hf_dtype=hf_dtype, **results[0],  # vocab sizes, layers, tied flag (from rank 0)
-                    hf_tensors={name: shape for name, (_, _, _, shape) in sorted(index.items())})
-        if meta["tie_word_embeddings"]:
-            meta["hf_tensors"].pop("lm_head.weight", None)
-        with open(os.path.join(tmp, METADATA_FILE), "w") as fh:
-            json.dump(meta, fh, indent=1)
-        copy_non_weight_files(hf_dir, os.path.join(tmp, HF_CONFIG_DIR))
+        write_metadata(tmp, hf_dir, index, tp=tp, pp=pp, dtype=dtype, **results[0])  # model sizes from rank 0
 
     run_world(_to_megatron_rank, tp * pp, out, (hf_dir, tp, pp, dtype, progress), finalize)
     return out
@@ -326,10 +350,13 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None, overwr
 
 def megatron_to_hf(ckpt_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None, overwrite: bool = False,
                    progress: bool = True) -> str:
-    """Convert a checkpoint written by hf_to_megatron (from any layout) into a Hugging Face directory with the
+    """Convert a checkpoint written by hf_to_megatron or a trainer run checkpoint (`<save_dir>/step_N`, from any
+    layout) into a Hugging Face directory with the
     published tensor names, loading it at TP x PP, in `dtype` (default: the checkpoint's dtype). Returns the
     output path; raises ConversionError with a one-line reason on any problem (nothing is left at out_dir)."""
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    if os.path.isfile(os.path.join(ckpt_dir, "model", METADATA_FILE)):  # a trainer run checkpoint (step_N/)
+        ckpt_dir = os.path.join(ckpt_dir, "model")
     if not os.path.isdir(ckpt_dir):
         what = "is not a directory" if os.path.exists(ckpt_dir) else "does not exist"
         raise ConversionError(f"input {ckpt_dir} {what}: pass a checkpoint written by hf_to_megatron (--to megatron)")
