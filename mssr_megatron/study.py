@@ -57,12 +57,11 @@ def train_command(config: str, seed: int, directory: str, steps: int, val_every:
 
 def run_all(configs: list[str], seeds: list[int], out: str, steps: int, val_every: int) -> dict[str, list[str]]:
     """Train every (config, seed) not finished yet; returns {estimator: [run dirs]} in config order."""
-    runs: dict[str, list[str]] = {}
-    for config in configs:
-        estimator = _estimator(config)
-        for seed in seeds:
+    estimators = [_estimator(config) for config in configs]
+    runs: dict[str, list[str]] = {name: [run_dir(out, name, seed) for seed in seeds] for name in estimators}
+    for seed in seeds:  # seed by seed: an interrupted study still has every estimator at the seeds it finished
+        for config, estimator in zip(configs, estimators):
             directory = run_dir(out, estimator, seed)
-            runs.setdefault(estimator, []).append(directory)
             if os.path.isfile(os.path.join(directory, SUMMARY_FILE)):
                 print(f"[study] {estimator} seed {seed}: done already ({directory})", flush=True)
                 continue
