@@ -38,7 +38,8 @@ def test_summarise_hand_worked(tmp_path):
         "mvsr": [_write_run(tmp_path / "v0", {0: 0.4, 10: 0.3, 20: 0.6, 30: 0.2}, [2.0] * 20),
                  _write_run(tmp_path / "v1", {0: 0.4, 10: 0.3, 20: 0.4, 30: 0.2}, [2.0] * 20)],
     }
-    s = summarise(runs, "grpo")
+    assert summarise(runs, "grpo")["target_val_accuracy"] == pytest.approx((0.5 + 0.55 + 0.6) / 3)  # last 3
+    s = summarise(runs, "grpo", final_window=1)
     assert s["target_val_accuracy"] == pytest.approx(0.6)
     g, m, v = s["rows"]["grpo"], s["rows"]["mssr"], s["rows"]["mvsr"]
     assert g["steps_to_target_mean_curve"] == 30 and g["steps_to_target_ratio"] == pytest.approx(1.0)
