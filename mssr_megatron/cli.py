@@ -9,6 +9,8 @@
     mssr plot RUN_DIR [RUN_DIR ...] [--out DIR]           PNG curves, several runs overlaid
     mssr bench CONFIG [key=value ...] [--out F.json]      throughput: tokens/s per phase, MFU, memory (+ HF ratio)
     mssr bench --study [--seeds ...] [--docs F.md]        efficiency study: estimators at equal rollouts, seeds
+    mssr launch [--nodes N --gpus-per-node G --time T --partition P --dry-run] CONFIG [key=value ...]
+                                                          SLURM batch script (examples/slurm) written and submitted
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def _train(args: argparse.Namespace) -> int:
     _setup_logging()
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
+    if "preempted_at_step" in summary:  # the batch script requeues the job; no plots or summary now
+        print(f"preempted at step {summary['preempted_at_step']}: checkpoint saved, resume with checkpoint.resume=auto")
+        return 0
     if int(os.environ.get("RANK", "0")) == 0:
         from mssr_megatron.plots import plot_runs
 
@@ -85,6 +90,12 @@ def _bench(args: argparse.Namespace) -> int:
 
     _setup_logging()
     return run_benchmark(args)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from mssr_megatron.launch import run_launch
+
+    return run_launch(args)
 
 
 def _setup_logging() -> None:
@@ -150,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     add_study_arguments(bench.add_argument_group("study (--study)"))
     bench.set_defaults(func=_bench)
+
+    from mssr_megatron.launch import add_launch_arguments
+
+    launch = sub.add_parser("launch", help="write a SLURM batch script for a config (examples/slurm) and submit it; "
+                                           "options go before CONFIG")
+    add_launch_arguments(launch)
+    launch.set_defaults(func=_launch)
 
     from mssr_megatron.checkpoint.convert_cli import add_convert_arguments
 

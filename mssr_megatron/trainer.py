@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 
 import torch
@@ -18,23 +20,26 @@ from mssr_megatron.rollout.weight_export import sync_weights
 from mssr_megatron.run_context import RunContext, broadcast_object, build_context
 
 log = logging.getLogger("mssr")
+PREEMPTED_MARKER = "PREEMPTED"
 
 
 def train(cfg: RunConfig) -> dict:
     """Run RL training as configured; returns the run summary (on every rank)."""
+    stop = _PreemptionFlag()  # before the (minutes-long) set-up, so that an early preemption notice is not lost
     ctx = build_context(cfg)
     try:
-        return _run(ctx)
+        return _run(ctx, stop)
     finally:
         ctx.close()
 
 
-def _run(ctx: RunContext) -> dict:
+def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
     from mssr_megatron import run_checkpoint
 
     cfg = ctx.cfg
-    stop = _PreemptionFlag()
+    _mark_preempted(ctx, None)
     resumed = run_checkpoint.maybe_resume(ctx)
+    start_step = ctx.step  # on disk already when resumed; at step 0 there is nothing to save (and no optimizer state)
     if not resumed:
         initialize_tracker(ctx)
         sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, _bucket_bytes(cfg))  # engine == trainer weights
@@ -57,11 +62,15 @@ def _run(ctx: RunContext) -> dict:
                                f"(last: {ctx.actor.nonfinite}); checkpoint saved")
         if cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0:
             run_checkpoint.save(ctx)
-    saved = cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0  # this step is on disk already
+    saved = ctx.step == start_step or (cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0)
     if stop.requested:
-        log.warning("signal %s: saving a checkpoint at step %d and exiting", stop.signal_name, ctx.step)
-        if not saved:
+        if saved:
+            log.warning("signal %s: exiting at step %d (%s)", stop.signal_name, ctx.step,
+                        "its checkpoint is on disk" if ctx.step else "nothing trained yet")
+        else:
+            log.warning("signal %s: saving a checkpoint at step %d and exiting", stop.signal_name, ctx.step)
             run_checkpoint.save(ctx)
+        _mark_preempted(ctx, stop.signal_name)
         return {"preempted_at_step": ctx.step}
     if not saved:
         run_checkpoint.save(ctx)
@@ -167,6 +176,20 @@ def _bucket_bytes(cfg: RunConfig) -> int:
     return int(cfg.rollout.weight_bucket_mb * 2**20)
 
 
+def _mark_preempted(ctx: RunContext, signal_name: str | None) -> None:
+    """<run_dir>/PREEMPTED exists exactly when the last run in this directory stopped for a signal (its step saved, or
+    nothing trained yet): batch scripts (examples/slurm) requeue the job on it. Cleared when a run starts."""
+    if not ctx.is_driver:
+        return
+    path = os.path.join(ctx.run_dir, PREEMPTED_MARKER)
+    if signal_name is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    with open(path, "w") as f:
+        json.dump({"step": ctx.step, "signal": signal_name}, f)
+
+
 class _PreemptionFlag:
     """SIGTERM / SIGUSR1 (SLURM preemption) ask the loop to save and exit after the current step."""
 
@@ -188,5 +211,7 @@ class _PreemptionFlag:
             flag = torch.tensor([float(self.requested)])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.requested = bool(flag.item())
+            if self.requested and not self.signal_name:
+                self.signal_name = "(to another rank)"
         return self.requested
 

@@ -18,6 +18,7 @@ import atexit
 import math
 import multiprocessing as mp
 import pickle
+import signal
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -70,7 +71,10 @@ def _grade_one(fn: RewardFn, response: str, answer: str) -> tuple[float, str | N
 
 
 def _init_worker() -> None:
-    """Pool initializer: pay math-verify's import and first-call cost (~1 s) once per worker, not per task."""
+    """Pool initializer: pay math-verify's import and first-call cost (~1 s) once per worker, not per task. SIGUSR1
+    is ignored: a preemption notice that SLURM sends to every process of a job step is for the trainer, which asks
+    its workers to stop itself (the default action would kill the worker mid-batch)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     math_reward("\\boxed{\\frac{1}{2}}", "0.5")
 
 
