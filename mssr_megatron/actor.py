@@ -1,12 +1,17 @@
 """The policy on this rank: a Qwen2.5-VL stage wrapped in Megatron DDP, its optimizer and LR schedule.
 
-    actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_optimizer_steps)
+    actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_optimizer_steps, device=device)
     actor.load_hf_state(hf_state)
     out = actor.token_logprobs(batches, temperature)    # last stage: [(logprobs [B, S-1], entropy [B, S-1]), ...]
     metrics = actor.train_step(batches, loss_fn)        # forward, backward, grad finalisation, clip, optimizer step
 
 Token t's log-prob is read from the logits at position t - 1 (the usual shift), through the fused vocab-parallel op.
 A reference policy is the same class without an optimizer (`optim_cfg=None`).
+
+Device: the stage lives on `device` (`parallel.compute_device`; default the CPU) and `actor.device` says where.
+Micro-batches may be anywhere: their model inputs are moved to the model's device one micro-batch at a time
+(`provider.run_microbatches`), so per-token results come back on `actor.device`, and a train_step loss_fn gets
+log-probs there and must bring its own per-token tensors (advantages, old log-probs, mask) to the same device.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from mssr_megatron.checkpoint.hf_bridge import load_hf_weights
 from mssr_megatron.checkpoint.mapping import ModelDims
-from mssr_megatron.models.provider import build_model, run_microbatches
+from mssr_megatron.models.provider import build_model, module_device, run_microbatches
 from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
 from mssr_megatron.ops import vocab_parallel_logprobs_entropy
 
@@ -35,7 +40,7 @@ def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: 
     if masked_token_ids is not None and len(masked_token_ids):
         # Prompts hold blocked tokens (<|image_pad|>, padding) whose log-prob is -inf under the engine's
         # distribution; those positions carry no loss, so any allowed id keeps them finite (0 * -inf would be NaN).
-        masked = torch.as_tensor(masked_token_ids, dtype=targets.dtype)
+        masked = torch.as_tensor(masked_token_ids, dtype=targets.dtype, device=targets.device)
         allowed = next(i for i in range(len(masked_token_ids) + 1) if i not in set(masked_token_ids))
         targets = torch.where(torch.isin(targets, masked), torch.full_like(targets, allowed), targets)
     return vocab_parallel_logprobs_entropy(
@@ -45,12 +50,14 @@ def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: 
 
 
 class MegatronActor:
-    def __init__(self, hf_config, model_cfg, optim_cfg=None, total_optimizer_steps: int = 1):
+    def __init__(self, hf_config, model_cfg, optim_cfg=None, total_optimizer_steps: int = 1,
+                 device: torch.device | str | None = None):
         from megatron.core import parallel_state as ps
 
         self.hf_config = hf_config
         self.vocab_size = hf_config.text_config.vocab_size
-        module = build_model(hf_config, model_cfg)
+        module = build_model(hf_config, model_cfg, device)  # on `device` before DDP and the optimizer see it
+        self.device = module_device(module)
         self.dims = ModelDims.from_hf_config(
             hf_config, padded_vocab_size(self.vocab_size, ps.get_tensor_model_parallel_world_size())
         )
@@ -105,11 +112,17 @@ class MegatronActor:
     @torch.no_grad()
     def token_logprobs(self, batches: list[dict], temperature: float = 1.0,
                        masked_token_ids=None) -> list[tuple[torch.Tensor, ...]]:
-        """Per micro-batch (logprobs [B, S-1], entropy [B, S-1]) on the last pipeline stage; [] elsewhere."""
+        """Per micro-batch (logprobs [B, S-1], entropy [B, S-1]) on the last pipeline stage, on `self.device`; []
+        elsewhere. Each micro-batch's logits are reduced to these as soon as they are computed (and then freed)."""
         self.model.eval()
-        outputs = run_microbatches(self.model, batches, forward_only=True)
-        return [shifted_logprobs(out, b["input_ids"], self.vocab_size, temperature, masked_token_ids)
-                for out, b in zip(outputs, batches)]
+
+        def reduce(output, batch):  # the forward-only "loss": a dummy scalar, the per-token results as its report
+            logprobs, entropy = shifted_logprobs(output, batch["input_ids"], self.vocab_size, temperature,
+                                                 masked_token_ids)
+            return output.new_zeros(()), {"logprobs": logprobs, "entropy": entropy}
+
+        reports = run_microbatches(self.model, batches, forward_only=True, loss_fn=reduce, device=self.device)
+        return [(r["logprobs"], r["entropy"]) for r in reports]
 
     def train_step(self, batches: list[dict], loss_fn: Callable, temperature: float = 1.0,
                    masked_token_ids=None) -> dict[str, float]:
@@ -117,7 +130,9 @@ class MegatronActor:
 
         loss_fn(logprobs [B, S-1], entropy [B, S-1], batch) -> (loss, metrics) must already divide by the token (or
         sequence) count of the WHOLE mini-batch; the schedule's averaging over micro-batches and DDP's over
-        data-parallel ranks are undone here, so gradients are those of the mini-batch loss.
+        data-parallel ranks are undone here, so gradients are those of the mini-batch loss. It runs on the last
+        stage with logprobs/entropy on `self.device` and the micro-batch whose model inputs were moved there (its
+        other entries, e.g. `rows`, as given).
         """
         from megatron.core import parallel_state as ps
 
@@ -133,7 +148,7 @@ class MegatronActor:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = run_microbatches(self.model, batches, forward_only=False, loss_fn=stage_loss)
+        reports = run_microbatches(self.model, batches, forward_only=False, loss_fn=stage_loss, device=self.device)
         self.nonfinite = self._find_nonfinite(reports)
         if self.nonfinite is None:
             updated, grad_norm, _ = self.optimizer.step()
@@ -152,6 +167,8 @@ class MegatronActor:
         ranks; None when everything is finite."""
         import torch.distributed as dist
 
+        from mssr_megatron.parallel import collective_device
+
         found = None
         if any(not torch.isfinite(r["loss"]).all() for r in reports):
             found = "loss"
@@ -162,7 +179,7 @@ class MegatronActor:
                 if grad is not None and not torch.isfinite(grad).all():
                     found = f"gradient of {name}"
                     break
-        flag = torch.tensor([0.0 if found is None else 1.0])
+        flag = torch.tensor([0.0 if found is None else 1.0], device=collective_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and found is None:

@@ -1,6 +1,12 @@
 """The pieces of one RL step, each one call from the loop in trainer.py.
 
 Per-token tensors are [B, L-1] (see experience.py); B is the step's rollouts (prompts_per_step * n).
+
+Devices: the Experience, the algorithm state and everything the algorithm computes (advantages, shaping, KL,
+tracker) live on the CPU; the models live on `ctx.actor.device` (parallel.compute_device). Two crossings, both here:
+`token_logprobs` brings the models' per-token results back to the CPU, and `update_policy` moves what its loss reads
+(advantages, old and reference log-probs, mask) to the actor's device once per call. Micro-batch inputs are moved
+by `provider.run_microbatches`, one micro-batch at a time.
 """
 
 from __future__ import annotations
@@ -89,18 +95,20 @@ def data_parallel_rows(ctx: RunContext, num_rows: int) -> torch.Tensor:
 
 
 def token_logprobs(ctx: RunContext, actor, exp: Experience, rows: torch.Tensor, temperature: float):
-    """(logprobs, entropy), each [len(rows), L-1], on the last pipeline stage; (None, None) elsewhere."""
+    """(logprobs, entropy), each [len(rows), L-1], on the CPU (with the Experience), on the last pipeline stage;
+    (None, None) elsewhere."""
     batches = exp.microbatches(rows, ctx.cfg.parallel.micro_batch_size)
     outputs = actor.token_logprobs(batches, temperature, masked_token_ids=ctx.blocked_ids)
     if not outputs:
         return None, None
-    return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+    return torch.cat([o[0] for o in outputs]).cpu(), torch.cat([o[1] for o in outputs]).cpu()
 
 
 def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logprobs, ref_logprobs):
     """Mini-batched PPO updates over this replica's rows (gradient accumulation over micro-batches). Returns metrics.
 
-    advantages, old/ref log-probs: [len(rows), L-1] on the last stage (None elsewhere).
+    advantages, old/ref log-probs: [len(rows), L-1] on the last stage (None elsewhere), on any device: what the loss
+    reads is moved to the actor's device here, once.
     """
     from megatron.core import parallel_state as ps
 
@@ -108,6 +116,9 @@ def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logpro
     temperature = cfg.rollout.temperature
     local_mini = cfg.optimizer.mini_batch_size // ps.get_data_parallel_world_size()
     mask = exp.response_mask[rows]
+    device = ctx.actor.device
+    advantages, old_logprobs, ref_logprobs, token_mask = (
+        None if t is None else t.to(device) for t in (advantages, old_logprobs, ref_logprobs, mask))
     metrics: list[dict[str, float]] = []
     for _ in range(cfg.optimizer.ppo_epochs):
         for start in range(0, len(rows), local_mini):
@@ -118,9 +129,9 @@ def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logpro
             position = {int(r): i for i, r in enumerate(rows.tolist())}
 
             def loss_fn(logprobs, entropy, batch, part=part):
-                local = torch.tensor([position[int(r)] for r in batch["rows"]])
+                local = torch.tensor([position[int(r)] for r in batch["rows"]], device=device)
                 ref = None if ref_logprobs is None else ref_logprobs[local]
-                return ctx.algo.loss(logprobs, old_logprobs[local], advantages[local], mask[local],
+                return ctx.algo.loss(logprobs, old_logprobs[local], advantages[local], token_mask[local],
                                      ref_logprobs=ref, entropy=entropy, normalizer=normalizer)
 
             batches = exp.microbatches(rows[part], cfg.parallel.micro_batch_size)
@@ -133,9 +144,13 @@ def _global_count(mask: torch.Tensor) -> float:
     """Sum of a 0/1 mask over all data-parallel replicas (the loss normaliser of a mini-batch)."""
     from megatron.core import parallel_state as ps
 
+    from mssr_megatron.parallel import collective_device
+
     total = mask.sum().to(torch.float64).reshape(1)
     if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        group = ps.get_data_parallel_group()
+        total = total.to(collective_device(group))
+        dist.all_reduce(total, group=group)
     return float(total)
 
 

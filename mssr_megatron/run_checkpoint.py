@@ -173,7 +173,8 @@ def export_hf(ctx) -> str | None:
     from mssr_megatron.rollout.weight_export import export_full_weights
 
     out = os.path.join(ctx.run_dir, "hf")
-    tensors = {name: t.clone() for name, t in export_full_weights(ctx.actor.module, ctx.actor.dims)}
+    # a host copy of each tensor as it is exported (on GPU the full model is never held twice in device memory)
+    tensors = {name: t.to("cpu", copy=True) for name, t in export_full_weights(ctx.actor.module, ctx.actor.dims)}
     if _rank() != 0:
         return None
     from safetensors.torch import save_file

@@ -6,6 +6,9 @@ which generates every rollout of the step. Rollouts and rewards are broadcast to
 replica trains on its slice of the rollouts; the algorithm state (tracker, forgetting rule) is kept identical on every
 rank. One engine per node, each generating its replica's share, is the next step for multi-node GPU jobs (the engine
 factory and the weight export already work per owner rank).
+
+Device: `parallel.compute_device(trainer.device)` decides it once, after the process groups exist (on GPU:
+cuda:<LOCAL_RANK>); the policy, the reference model and the HF rollout engine are placed there (`RunContext.device`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ class RunContext:
     run_dir: str
     step: int = 0
     extra: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the models run (parallel.compute_device of trainer.device); Experience and algorithm state stay on the
+    CPU."""
 
     @property
     def rank(self) -> int:
@@ -80,7 +86,7 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.metrics import MetricsLogger
     from mssr_megatron.models.provider import check_layout
     from mssr_megatron.models.processor import load_processor
-    from mssr_megatron.parallel import init_megatron
+    from mssr_megatron.parallel import compute_device, init_megatron
     from mssr_megatron.rewards import RewardGrader
     from mssr_megatron.rollout.sampling import blocked_token_ids
 
@@ -91,7 +97,8 @@ def build_context(cfg: RunConfig) -> RunContext:
     val_set = load_split(cfg.data.val_path, cfg.data, "val", processor) if cfg.data.val_path else None
     p = cfg.parallel
     init_megatron(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.trainer.seed,
-                  backend=p.backend)
+                  backend=p.backend, device=cfg.trainer.device)
+    device = compute_device(cfg.trainer.device)
     cfg.validate(world_size=dist.get_world_size())
     torch.manual_seed(cfg.trainer.seed)
     run_dir = cfg.trainer.output_dir
@@ -103,19 +110,21 @@ def build_context(cfg: RunConfig) -> RunContext:
         if val_set is not None:
             log.info(val_set.summary())
     total_updates = cfg.trainer.total_steps * cfg.optimizer_steps_per_step
-    actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_updates)
+    actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_updates, device=device)
     actor.load_hf_state(HFTensors(cfg.model.hf_path))
     needs_reference = (cfg.algorithm.use_kl_loss or cfg.algorithm.kl_in_reward
                        or cfg.algorithm.baseline.rho_rule == "kl_window")
     reference = None
     if needs_reference:
-        reference = MegatronActor(hf_config, cfg.model)
+        reference = MegatronActor(hf_config, cfg.model, device=device)
         reference.load_hf_state(HFTensors(cfg.model.ref_hf_path or cfg.model.hf_path))
     engine = None
     if rank0:
         from mssr_megatron.rollout.factory import build_engine
 
-        kwargs = {"max_batch_size": cfg.rollout.hf_batch_size} if cfg.rollout.engine == "hf" else {}
+        # the HF engine runs beside the policy, in its dtype (weight sync copies tensors of the same dtype)
+        kwargs = ({"max_batch_size": cfg.rollout.hf_batch_size, "device": device, "dtype": cfg.model.params_dtype}
+                  if cfg.rollout.engine == "hf" else {})
         engine = build_engine(cfg, cfg.model.hf_path, **kwargs)
     algo = RLAlgorithm(cfg.algorithm)
     sampler = PromptSampler(len(train_set), cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
@@ -125,7 +134,7 @@ def build_context(cfg: RunConfig) -> RunContext:
     return RunContext(cfg=cfg, hf_config=hf_config, processor=processor, actor=actor, reference=reference,
                       engine=engine, grader=grader, algo=algo, train=train_set, val=val_set, sampler=sampler,
                       logger=logger, blocked_ids=blocked_token_ids(processor.tokenizer, hf_config.text_config.vocab_size),
-                      run_dir=run_dir)
+                      run_dir=run_dir, device=device)
 
 
 def broadcast_object(obj, src: int = 0):

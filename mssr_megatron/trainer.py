@@ -78,7 +78,7 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
 
 
 def train_step(ctx: RunContext) -> dict[str, float]:
-    cfg, timer = ctx.cfg, StepTimer()
+    cfg, timer = ctx.cfg, StepTimer(cuda_sync=ctx.device.type == "cuda")  # CUDA: phases end when their kernels do
     with timer("step"):
         records = [ctx.train[i] for i in ctx.sampler.next_step()]
         with timer("rollout"):
@@ -208,7 +208,9 @@ class _PreemptionFlag:
         import torch.distributed as dist
 
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([float(self.requested)])
+            from mssr_megatron.parallel import collective_device
+
+            flag = torch.tensor([float(self.requested)], device=collective_device())  # NCCL: a CUDA tensor
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.requested = bool(flag.item())
             if self.requested and not self.signal_name:

@@ -229,7 +229,9 @@ def bench_weight_sync(ctx, *, warmup: int, repeats: int, device) -> dict:
                      warmup=warmup, repeats=repeats, device=device)
     nbytes = int(max((r["sync/bytes"] for r in reports), default=0))  # the owner's count (0 on other ranks)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        box = torch.tensor([float(nbytes)])
+        from mssr_megatron.parallel import collective_device
+
+        box = torch.tensor([float(nbytes)], device=collective_device())  # NCCL: a CUDA tensor
         dist.all_reduce(box, op=dist.ReduceOp.MAX)
         nbytes = int(box.item())
     result.update(bytes=nbytes, buckets=int(reports[-1]["sync/buckets"]) if reports else 0,

@@ -1,10 +1,13 @@
 """Build this rank's Qwen2.5-VL stage and run micro-batches through it with Megatron's pipeline schedules.
 
-    model = build_model(hf_config, cfg.model)                    # after init_megatron(tp, pp)
+    model = build_model(hf_config, cfg.model, device)            # after init_megatron(tp, pp); device: compute_device
     outputs = run_microbatches(model, batches, forward_only=True)   # last stage: one output per micro-batch
 
 A micro-batch is a dict with input_ids [B, S], position_ids [3, B, S] and, for prompts with images, pixel_values
-and image_grid_thw. Every micro-batch of one call must have the same [B, S] (pipeline stages exchange fixed shapes).
+and image_grid_thw (the MODEL_INPUTS), plus any bookkeeping entries a loss needs (e.g. `rows`). Every micro-batch of
+one call must have the same [B, S] (pipeline stages exchange fixed shapes). Micro-batches may live anywhere (the
+trainer builds them on the CPU): run_microbatches moves each one's model inputs to the model's device as the
+schedule takes it (`move_batch`), so one micro-batch at a time is copied to the GPU.
 """
 
 from __future__ import annotations
@@ -27,16 +30,54 @@ def check_layout(hf_config, tp: int, pp: int) -> None:
                          f"{text.num_hidden_layers} layers")
 
 
-def build_model(hf_config, model_cfg) -> Qwen2_5_VLMegatron:
-    """The Qwen2.5-VL stage of this rank (vision tower on the first stage, output layer on the last)."""
+MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "image_grid_thw")
+"""The micro-batch entries the model reads; `move_batch` moves these and leaves the rest where they are."""
+
+
+def build_model(hf_config, model_cfg, device: torch.device | str | None = None) -> Qwen2_5_VLMegatron:
+    """The Qwen2.5-VL stage of this rank (vision tower on the first stage, output layer on the last), on `device`
+    (default: the CPU; the trainer passes `parallel.compute_device`).
+
+    CPU: megatron initialises the weights on the CPU (use_cpu_initialization), as it always did here. CUDA (GPU-only:
+    not run (no GPU was available)): megatron creates and initialises the language model's weights directly on
+    torch.cuda.current_device(), which must be `device` (Megatron-LM's default on GPU); the vision tower
+    (transformers) is built on the CPU, so the whole stage is then moved with `.to(device)`, which keeps the
+    Parameter objects and their megatron attributes (Megatron-LM's get_model does the same with `.cuda()`). On the
+    CPU that `.to` changes nothing."""
     from megatron.core import parallel_state as ps
 
+    device = torch.device("cpu") if device is None else torch.device(device)
+    on_cuda = device.type == "cuda"
+    if on_cuda:  # GPU-only: not run (no GPU was available)
+        current = torch.cuda.current_device()
+        if device.index not in (None, current):
+            raise ValueError(f"build_model: device {device} is not the current CUDA device cuda:{current}, where "
+                             "megatron creates the weights; call torch.cuda.set_device first (init_megatron does)")
+        device = torch.device("cuda", current)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     check_layout(hf_config, tp, pp)
-    return Qwen2_5_VLMegatron(
+    model = Qwen2_5_VLMegatron(
         hf_config, model_cfg, tp=tp, pp=pp,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        cpu_initialization=not on_cuda,
     )
+    return model.to(device)
+
+
+def module_device(model) -> torch.device:
+    """The device of a (possibly DDP-wrapped) model stage: that of its first parameter (the CPU without any)."""
+    param = next(iter(model.parameters()), None)
+    return torch.device("cpu") if param is None else param.device
+
+
+def move_batch(batch: dict, device: torch.device | str) -> dict:
+    """A copy of the micro-batch dict with its MODEL_INPUTS tensors on `device` (copies to CUDA are issued
+    non_blocking; tensors already there are not copied). Other entries, e.g. the `rows` a loss uses to look up its
+    per-token tensors, are kept as they are."""
+    device = torch.device(device)
+    non_blocking = device.type == "cuda"  # host-to-device only: a non-blocking copy to the host could be read early
+    return {k: v.to(device, non_blocking=non_blocking) if k in MODEL_INPUTS and isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def run_microbatches(
@@ -45,11 +86,16 @@ def run_microbatches(
     *,
     forward_only: bool,
     loss_fn: Callable | None = None,
+    device: torch.device | str | None = None,
 ) -> list:
     """Run the micro-batches through the pipeline (1F1B when pp > 1).
 
     loss_fn(output, batch) -> (loss, metrics dict) makes it a training pass (backward included unless
-    forward_only); without loss_fn the last stage returns the raw outputs (vocab-parallel logits [B, S, V/TP]).
+    forward_only); a forward_only pass with a loss_fn reduces each micro-batch's output as soon as it is computed
+    (the way to get per-token results without keeping every micro-batch's logits). Without loss_fn the last stage
+    returns the raw outputs (vocab-parallel logits [B, S, V/TP]).
+    Each micro-batch's MODEL_INPUTS are moved to `device` (default: the model's, `module_device`) as it is taken,
+    and loss_fn receives the moved batch, so its input_ids are on the logits' device.
     Returns, on the last stage, loss_fn's metrics or the outputs per micro-batch; [] on other stages.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -60,9 +106,10 @@ def run_microbatches(
     if any(b["input_ids"].shape != shape for b in batches):
         raise ValueError("all micro-batches of one pipeline pass need the same [batch, sequence] shape; pad them")
     iterator = iter(batches)
+    device = module_device(model) if device is None else torch.device(device)
 
     def forward_step(data_iterator, stage):
-        batch = next(data_iterator)
+        batch = move_batch(next(data_iterator), device)
         output = stage(batch["input_ids"], batch.get("position_ids"), batch.get("pixel_values"),
                        batch.get("image_grid_thw"))
         if loss_fn is None:

@@ -62,8 +62,13 @@ def layer_spec(model_cfg):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def language_config(hf_config, model_cfg, tp: int = 1, pp: int = 1, sequence_parallel: bool = False):
-    """TransformerConfig of the language model from the HF Qwen2.5-VL config and our ModelConfig."""
+def language_config(hf_config, model_cfg, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
+                    cpu_initialization: bool = True):
+    """TransformerConfig of the language model from the HF Qwen2.5-VL config and our ModelConfig.
+
+    cpu_initialization: megatron's use_cpu_initialization (weights created and initialised on the CPU); False makes
+    megatron create them on torch.cuda.current_device() (build_model's choice for a CUDA device; GPU-only: not run
+    (no GPU was available))."""
     from megatron.core.transformer import TransformerConfig
 
     text = hf_config.text_config
@@ -96,7 +101,7 @@ def language_config(hf_config, model_cfg, tp: int = 1, pp: int = 1, sequence_par
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        use_cpu_initialization=True,
+        use_cpu_initialization=cpu_initialization,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -133,11 +138,11 @@ class Qwen2_5_VLMegatron(MegatronModule):
     """
 
     def __init__(self, hf_config, model_cfg, tp: int = 1, pp: int = 1, pre_process: bool = True,
-                 post_process: bool = True, sequence_parallel: bool = False):
+                 post_process: bool = True, sequence_parallel: bool = False, cpu_initialization: bool = True):
         from megatron.core.enums import ModelType
         from megatron.core.models.gpt import GPTModel
 
-        super().__init__(config=language_config(hf_config, model_cfg, tp, pp, sequence_parallel))
+        super().__init__(config=language_config(hf_config, model_cfg, tp, pp, sequence_parallel, cpu_initialization))
         self.model_type = ModelType.encoder_or_decoder
         self.hf_config = hf_config
         self.pre_process, self.post_process = pre_process, post_process

@@ -9,6 +9,12 @@ rank that drives the node's engine) receives everything:
   3. the owner packs the stream into buckets of `bucket_bytes` (`buckets.stream_buckets`, one reused buffer) and
      hands each to the engine before the next is built.
 Peak extra memory on the owner: one bucket plus one full parameter (and its TP shards while gathering).
+
+Devices: tensors stay where the model is (on GPU, the exported tensors and the buckets are CUDA tensors); the engine
+takes them from there (HF: an in-place copy into its own weights on any device; SGLang: CUDA IPC handles; vLLM:
+`bucket_rpc_args` copies each bucket to the host for its RPC). Point-to-point receive buffers are allocated where the
+pipeline group's backend needs them (`parallel.collective_device`: CUDA under NCCL). The CUDA path is GPU-only: not
+run (no GPU was available); the same code runs on CPU + gloo in the tests.
 """
 
 from __future__ import annotations
@@ -55,11 +61,14 @@ def export_full_weights(model, dims: ModelDims, dtype: torch.dtype | None = None
             _drain(local)
             return
         yield from local
+        from mssr_megatron.parallel import collective_device
+
+        device = collective_device(pp_group)  # receive buffers: CUDA under NCCL
         for stage in range(1, pp_size):
             src = dist.get_global_rank(pp_group, stage)
             while (header := _recv_object(src)) is not _END:
                 name, shape, dtype_name = header
-                tensor = torch.empty(shape, dtype=getattr(torch, dtype_name))
+                tensor = torch.empty(shape, dtype=getattr(torch, dtype_name), device=device)
                 dist.recv(tensor, src=src)
                 yield name, tensor
         return
