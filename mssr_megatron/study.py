@@ -9,8 +9,9 @@ study continues where it stopped. The report then reads every run's metrics.json
 
 - target accuracy: the reference estimator's final validation accuracy: its seed-mean validation curve averaged over
   the last --final-window validation points (3: one point is too noisy);
-- steps to target: the first validation step at which an estimator's seed-mean validation curve reaches the target
-  (and per seed, its median); the ratio is an estimator's steps over the reference's;
+- also fixed accuracies (--thresholds), which still compare when the reference barely moves;
+- steps to a target: the first validation step after the start at which an estimator's seed-mean validation curve
+  reaches it (and how many seeds' own curves do); the ratio is an estimator's steps over the reference's;
 - final validation accuracy (mean, min, max over seeds) and the policy entropy at the start and the end.
 
 It writes <out>/study.json, the figures (validation accuracy and entropy, mean with a min-max band over seeds) and a
@@ -84,8 +85,8 @@ def _series(run: str, key: str) -> dict[int, float]:
 
 
 def steps_to_target(curve: dict[int, float], target: float) -> int | None:
-    """First step whose value is >= target (None if never)."""
-    return next((s for s in sorted(curve) if curve[s] >= target - 1e-12), None)
+    """First step after the start (step > 0: the initial policy has learned nothing) whose value is >= target."""
+    return next((s for s in sorted(curve) if s > 0 and curve[s] >= target - 1e-12), None)
 
 
 def _mean_curve(runs: list[str], key: str) -> dict[int, float]:
@@ -101,22 +102,33 @@ def _edge_mean(run: str, key: str, last: bool, span: int = 10) -> float:
     return float(np.mean(part)) if part else float("nan")
 
 
-def summarise(runs: dict[str, list[str]], reference: str, final_window: int = 3) -> dict:
-    """The study's numbers from the runs' metrics (see the module docstring). The target is the mean of the last
-    `final_window` points of the reference's seed-mean validation curve: one validation point is too noisy a target."""
+def _target_row(curve: dict[int, float], dirs: list[str], target: float, ref_steps: int | None) -> dict:
+    steps = steps_to_target(curve, target)
+    per_seed = [steps_to_target(_series(d, VAL_KEY), target) for d in dirs]
+    return {"target": target, "steps_mean_curve": steps,
+            "ratio_vs_reference": steps / ref_steps if steps is not None and ref_steps else None,
+            "steps_per_seed": per_seed, "seeds_reaching": sum(x is not None for x in per_seed)}
+
+
+def summarise(runs: dict[str, list[str]], reference: str, final_window: int = 3,
+              thresholds: tuple[float, ...] = ()) -> dict:
+    """The study's numbers from the runs' metrics (see the module docstring).
+
+    Targets: the reference's final accuracy (the mean of the last `final_window` points of its seed-mean validation
+    curve: one point is too noisy) and each fixed accuracy in `thresholds`. For each estimator and target: the first
+    validation step > 0 at which its seed-mean curve reaches the target, the ratio to the reference's step, and the
+    same per seed."""
     if reference not in runs:
         raise ValueError(f"reference estimator {reference!r} is not among the study's runs {sorted(runs)}")
     mean_val = {name: _mean_curve(dirs, VAL_KEY) for name, dirs in runs.items()}
     ref_curve = mean_val[reference]
-    target = float(np.mean([ref_curve[s] for s in sorted(ref_curve)[-final_window:]]))
-    ref_steps = steps_to_target(ref_curve, target)
+    final = float(np.mean([ref_curve[s] for s in sorted(ref_curve)[-final_window:]]))
+    targets = {f"{reference} final ({final:.3f})": final, **{f"{t:.2f}": float(t) for t in thresholds}}
+    ref_steps = {label: steps_to_target(ref_curve, t) for label, t in targets.items()}
     rows = {}
     for name, dirs in runs.items():
         curve = mean_val[name]
         finals = [_series(d, VAL_KEY)[max(_series(d, VAL_KEY))] for d in dirs]
-        per_seed = [steps_to_target(_series(d, VAL_KEY), target) for d in dirs]
-        reached = [s for s in per_seed if s is not None]
-        steps = steps_to_target(curve, target)
         rows[name] = {
             "seeds": len(dirs),
             "initial_val_accuracy": curve[min(curve)],
@@ -124,45 +136,56 @@ def summarise(runs: dict[str, list[str]], reference: str, final_window: int = 3)
             "final_val_accuracy_min": float(np.min(finals)),
             "final_val_accuracy_max": float(np.max(finals)),
             "best_val_accuracy_of_mean_curve": max(curve.values()),
-            "steps_to_target_mean_curve": steps,
-            "steps_to_target_ratio": (steps / ref_steps) if steps is not None and ref_steps else None,
-            "steps_to_target_per_seed": per_seed,
-            "seeds_reaching_target": len(reached),
-            "steps_to_target_median_of_reaching_seeds": float(np.median(reached)) if reached else None,
+            "targets": {label: _target_row(curve, dirs, t, ref_steps[label]) for label, t in targets.items()},
             "entropy_first10_mean": float(np.mean([_edge_mean(d, ENTROPY_KEY, last=False) for d in dirs])),
             "entropy_last10_mean": float(np.mean([_edge_mean(d, ENTROPY_KEY, last=True) for d in dirs])),
             "val_curve_mean": {str(k): v for k, v in curve.items()},
         }
-    return {"reference": reference, "target_val_accuracy": target, "target_final_window": final_window, "rows": rows}
+    return {"reference": reference, "target_val_accuracy": final, "target_final_window": final_window,
+            "targets": targets, "rows": rows}
 
 
 def _fmt(x, spec: str = ".3f") -> str:
     return "not reached" if x is None else format(x, spec)
 
 
+def _target_cell(t: dict) -> str:
+    if t["steps_mean_curve"] is None:
+        return f"not reached ({t['seeds_reaching']}/{len(t['steps_per_seed'])} seeds)"
+    ratio = "" if t["ratio_vs_reference"] is None else f", x{t['ratio_vs_reference']:.2f}"
+    return f"{t['steps_mean_curve']}{ratio} ({t['seeds_reaching']}/{len(t['steps_per_seed'])} seeds)"
+
+
 def format_table(summary: dict) -> str:
-    head = ("| estimator | seeds | val acc start | final val acc: mean [min, max] | steps to target (mean curve) "
-            f"| ratio vs {summary['reference']} | seeds reaching target (median steps) | entropy first 10 -> last 10 |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    labels = list(summary["targets"])
+    head = ("| estimator | seeds | val acc start | final val acc: mean [min, max] | "
+            + " | ".join(f"steps to {label}" for label in labels) + " | entropy first 10 -> last 10 steps |")
+    lines = [head, "|" + "---|" * (5 + len(labels))]
     for name, r in summary["rows"].items():
-        median = r["steps_to_target_median_of_reaching_seeds"]
         lines.append(
             f"| {name} | {r['seeds']} | {r['initial_val_accuracy']:.3f} | {r['final_val_accuracy_mean']:.3f} "
-            f"[{r['final_val_accuracy_min']:.3f}, {r['final_val_accuracy_max']:.3f}] "
-            f"| {_fmt(r['steps_to_target_mean_curve'], 'd')} | {_fmt(r['steps_to_target_ratio'], '.2f')} "
-            f"| {r['seeds_reaching_target']}/{r['seeds']} ({_fmt(median, '.0f')}) "
-            f"| {r['entropy_first10_mean']:.3f} -> {r['entropy_last10_mean']:.3f} |")
+            f"[{r['final_val_accuracy_min']:.3f}, {r['final_val_accuracy_max']:.3f}] | "
+            + " | ".join(_target_cell(r["targets"][label]) for label in labels)
+            + f" | {r['entropy_first10_mean']:.3f} -> {r['entropy_last10_mean']:.3f} |")
     return "\n".join(lines)
 
 
 def plot_study(runs: dict[str, list[str]], fig_dir: str) -> list[str]:
     """Validation accuracy and entropy figures: per estimator the mean over seeds with a min-max band."""
+    import shutil
+    import tempfile
+
     from mssr_megatron.plots import plot_runs
 
     dirs = [d for group in runs.values() for d in group]
     labels = [name for name, group in runs.items() for _ in group]
-    paths = plot_runs(dirs, fig_dir, labels=labels)
-    return [p for p in paths if os.path.basename(p) in ("accuracy.png", "entropy.png")]
+    os.makedirs(fig_dir, exist_ok=True)
+    kept = []
+    with tempfile.TemporaryDirectory() as tmp:  # plot_runs draws every metric group; the study shows two
+        for path in plot_runs(dirs, tmp, labels=labels):
+            if os.path.basename(path) in ("accuracy.png", "entropy.png"):
+                kept.append(shutil.move(path, os.path.join(fig_dir, os.path.basename(path))))
+    return kept
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -173,6 +196,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--steps", type=int, default=100, help="RL steps per run (default 100)")
     parser.add_argument("--val-every", type=int, default=10, help="validation every N steps (default 10)")
     parser.add_argument("--reference", default="grpo", help="estimator whose final accuracy is the target")
+    parser.add_argument("--thresholds", nargs="*", type=float, default=[0.5, 0.55, 0.6],
+                        help="fixed validation accuracies to report steps to (default 0.5 0.55 0.6)")
     parser.add_argument("--final-window", type=int, default=3,
                         help="validation points averaged for the reference's final accuracy (default 3)")
     parser.add_argument("--study-out", default="runs/study", help="folder of the runs, study.json and figures")
@@ -198,18 +223,20 @@ def setup_table(configs: list[str], steps: int, val_every: int) -> str:
 
 
 def outcome(summary: dict) -> str:
-    """One measured sentence per estimator against the reference: steps to the target and the final accuracy."""
+    """Measured sentences: each estimator's final accuracy and steps to each target against the reference's."""
     ref = summary["reference"]
-    ref_row = summary["rows"][ref]
+    rows = summary["rows"]
     out = []
-    for name, r in summary["rows"].items():
-        if name == ref:
-            continue
-        steps = r["steps_to_target_mean_curve"]
-        reach = (f"reached the target at step {steps} against {ref}'s {ref_row['steps_to_target_mean_curve']} "
-                 f"(ratio {r['steps_to_target_ratio']:.2f})" if steps is not None else "did not reach the target")
-        out.append(f"- {name} {reach}; final validation accuracy {r['final_val_accuracy_mean']:.3f} against "
-                   f"{ref}'s {ref_row['final_val_accuracy_mean']:.3f} (means over {r['seeds']} seeds).")
+    for name, r in rows.items():
+        reached = [f"{label} at step {t['steps_mean_curve']}" for label, t in r["targets"].items()
+                   if t["steps_mean_curve"] is not None]
+        out.append(f"- {name}: validation accuracy {r['initial_val_accuracy']:.3f} -> {r['final_val_accuracy_mean']:.3f} "
+                   f"(mean of {r['seeds']} seeds); seed-mean curve reached "
+                   + (", ".join(reached) if reached else "none of the targets") + ".")
+    ref_row = rows[ref]
+    if ref_row["final_val_accuracy_mean"] <= ref_row["initial_val_accuracy"] + 0.02:
+        out.append(f"- {ref} ended within 2 points of where it started, so a target set by its final accuracy is "
+                   "at or below the initial accuracy and says little; the fixed thresholds carry the comparison.")
     return "\n".join(out)
 
 
@@ -219,10 +246,11 @@ def write_report(summary: dict, figures: list[str], command: str, path: str, set
             f"Made by `{command}` (generated file; the runs are in the study folder, the numbers in its study.json).",
             "", "## Setup", "", setup, "",
             "## Result", "",
-            f"Target accuracy: {summary['target_val_accuracy']:.3f} = the final validation accuracy of "
-            f"{summary['reference']}: its seed-mean validation curve averaged over the last "
-            f"{summary['target_final_window']} validation points. Steps to target: the first validation step at which the "
-            "seed-mean validation accuracy reaches the target; ratio = those steps over the reference's.", "",
+            f"Targets: the final validation accuracy of {summary['reference']} (its seed-mean validation curve "
+            f"averaged over the last {summary['target_final_window']} validation points) and fixed accuracies. "
+            "Steps to a target: the first validation step after the start at which the seed-mean validation accuracy "
+            f"reaches it; xR = those steps over {summary['reference']}'s; (k/n seeds) = seeds whose own curve reached "
+            "it.", "",
             format_table(summary), "", outcome(summary), ""]
     text += [f"![{os.path.splitext(os.path.basename(r))[0]}]({r})" for r in rel]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -232,7 +260,7 @@ def write_report(summary: dict, figures: list[str], command: str, path: str, set
 
 def run_study(args: argparse.Namespace, command: str) -> int:
     runs = run_all(args.configs, args.seeds, args.study_out, args.steps, args.val_every)
-    summary = summarise(runs, args.reference, args.final_window)
+    summary = summarise(runs, args.reference, args.final_window, tuple(args.thresholds))
     summary["command"] = command
     with open(os.path.join(args.study_out, "study.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)

@@ -19,16 +19,17 @@ def _write_run(path, val: dict[int, float], entropy: list[float]):
     return str(path)
 
 
-def test_steps_to_target_first_step_at_or_above():
+def test_steps_to_target_first_step_after_the_start_at_or_above():
     assert steps_to_target({0: 0.4, 10: 0.6, 20: 0.59, 30: 0.7}, 0.6) == 10
     assert steps_to_target({0: 0.4, 10: 0.5}, 0.6) is None
     assert steps_to_target({20: 0.61, 0: 0.2, 10: 0.7}, 0.65) == 10  # unsorted input
+    assert steps_to_target({0: 0.7, 10: 0.5, 20: 0.8}, 0.6) == 20  # the initial policy does not count
 
 
 def test_summarise_hand_worked(tmp_path):
     flat = [1.0] * 10 + [0.5] * 10  # first 10 mean 1.0, last 10 mean 0.5
     runs = {
-        # reference: seed-mean curve 0.4, 0.5, 0.55, 0.6 -> target 0.6 reached at step 30
+        # reference: seed-mean curve 0.4, 0.5, 0.55, 0.6 -> final (last 1) 0.6 reached at step 30
         "grpo": [_write_run(tmp_path / "g0", {0: 0.4, 10: 0.5, 20: 0.5, 30: 0.6}, flat),
                  _write_run(tmp_path / "g1", {0: 0.4, 10: 0.5, 20: 0.6, 30: 0.6}, flat)],
         # mean curve 0.4, 0.6, 0.7, 0.65 -> reaches 0.6 at step 10: ratio 1/3; seeds reach at 10 and 10
@@ -39,21 +40,28 @@ def test_summarise_hand_worked(tmp_path):
                  _write_run(tmp_path / "v1", {0: 0.4, 10: 0.3, 20: 0.4, 30: 0.2}, [2.0] * 20)],
     }
     assert summarise(runs, "grpo")["target_val_accuracy"] == pytest.approx((0.5 + 0.55 + 0.6) / 3)  # last 3
-    s = summarise(runs, "grpo", final_window=1)
+    s = summarise(runs, "grpo", final_window=1, thresholds=(0.5,))
     assert s["target_val_accuracy"] == pytest.approx(0.6)
-    g, m, v = s["rows"]["grpo"], s["rows"]["mssr"], s["rows"]["mvsr"]
-    assert g["steps_to_target_mean_curve"] == 30 and g["steps_to_target_ratio"] == pytest.approx(1.0)
-    assert m["steps_to_target_mean_curve"] == 10 and m["steps_to_target_ratio"] == pytest.approx(1 / 3)
-    assert m["steps_to_target_per_seed"] == [10, 10]
-    assert m["final_val_accuracy_mean"] == pytest.approx(0.65)
-    assert (m["final_val_accuracy_min"], m["final_val_accuracy_max"]) == (0.6, 0.7)
-    assert v["steps_to_target_mean_curve"] is None and v["steps_to_target_ratio"] is None
-    assert v["steps_to_target_per_seed"] == [20, None] and v["seeds_reaching_target"] == 1
-    assert v["steps_to_target_median_of_reaching_seeds"] == 20
-    assert g["entropy_first10_mean"] == pytest.approx(1.0) and g["entropy_last10_mean"] == pytest.approx(0.5)
+    final, half = list(s["targets"])
+    assert (final, half) == ("grpo final (0.600)", "0.50")
+    g, m, v = (s["rows"][k]["targets"] for k in ("grpo", "mssr", "mvsr"))
+    assert g[final]["steps_mean_curve"] == 30 and g[final]["ratio_vs_reference"] == pytest.approx(1.0)
+    assert m[final]["steps_mean_curve"] == 10 and m[final]["ratio_vs_reference"] == pytest.approx(1 / 3)
+    assert m[final]["steps_per_seed"] == [10, 10]
+    assert v[final]["steps_mean_curve"] is None and v[final]["ratio_vs_reference"] is None
+    assert v[final]["steps_per_seed"] == [20, None] and v[final]["seeds_reaching"] == 1
+    # 0.50: grpo mean reaches it at 10, mssr at 10 (x1.00), mvsr's mean 0.3/0.5/0.2 at 20 (x2.00)
+    assert g[half]["steps_mean_curve"] == 10 and m[half]["ratio_vs_reference"] == pytest.approx(1.0)
+    assert v[half]["steps_mean_curve"] == 20 and v[half]["ratio_vs_reference"] == pytest.approx(2.0)
+    row = s["rows"]["mssr"]
+    assert row["final_val_accuracy_mean"] == pytest.approx(0.65)
+    assert (row["final_val_accuracy_min"], row["final_val_accuracy_max"]) == (0.6, 0.7)
+    assert s["rows"]["grpo"]["entropy_first10_mean"] == pytest.approx(1.0)
+    assert s["rows"]["grpo"]["entropy_last10_mean"] == pytest.approx(0.5)
     table = format_table(s)
-    assert "| mvsr | 2 | 0.400 | 0.200 [0.200, 0.200] | not reached | not reached | 1/2 (20) |" in table
-    assert "ratio 0.33" in outcome(s) and "mvsr did not reach the target" in outcome(s)
+    assert "| mvsr | 2 | 0.400 | 0.200 [0.200, 0.200] | not reached (1/2 seeds) | 20, x2.00 (1/2 seeds) |" in table  # v1 never reaches 0.5
+    text = outcome(s)
+    assert "mssr: validation accuracy 0.400 -> 0.650" in text and "mvsr" in text
 
 
 def test_summarise_needs_the_reference(tmp_path):
