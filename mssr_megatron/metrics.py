@@ -64,7 +64,7 @@ def _to_float(key: str, value) -> float:
         raise TypeError(f"metric {key!r} is not a number: {value!r}") from None
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """obj with non-finite floats turned into None and tensor / numpy scalars into Python numbers (for summaries)."""
     if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
         try:
@@ -74,15 +74,15 @@ def _json_safe(obj):
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if obj is None or isinstance(obj, (str, int, bool)):
         return obj
     return str(obj)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str) -> None:
     """Write path so that readers see either the old or the new content, never a partial file."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -190,7 +190,7 @@ class MetricsLogger:
                             continue  # a line cut short by the crash that preceded this resume
                         if isinstance(record, dict) and not (_is_number(record.get("step")) and record["step"] > step):
                             kept.append(line if line.endswith("\n") else line + "\n")
-                _atomic_write_text(self.path, "".join(kept))
+                atomic_write_text(self.path, "".join(kept))
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         if self.use_tensorboard:
             if self._writer is not None:
@@ -282,8 +282,8 @@ class MetricsLogger:
         """Write `<run_dir>/summary.json` atomically (replacing any previous summary); non-finite floats -> null."""
         if not self.enabled:
             return
-        text = json.dumps(_json_safe(dict(summary)), indent=2, sort_keys=True, allow_nan=False) + "\n"
-        _atomic_write_text(os.path.join(self.run_dir, SUMMARY_FILE), text)
+        text = json.dumps(json_safe(dict(summary)), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        atomic_write_text(os.path.join(self.run_dir, SUMMARY_FILE), text)
 
     def close(self) -> None:
         if self._file is not None:

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from mssr_megatron.metrics import SUMMARY_FILE, read_metrics
+from mssr_megatron.metrics import SUMMARY_FILE, atomic_write_text, json_safe, read_metrics
 
 DEFAULT_CONFIGS = ("examples/configs/tiny_cpu.yaml", "examples/configs/tiny_cpu_mvsr.yaml",
                    "examples/configs/tiny_cpu_grpo.yaml")
@@ -262,8 +262,7 @@ def run_study(args: argparse.Namespace, command: str) -> int:
     runs = run_all(args.configs, args.seeds, args.study_out, args.steps, args.val_every)
     summary = summarise(runs, args.reference, args.final_window, tuple(args.thresholds))
     summary["command"] = command
-    with open(os.path.join(args.study_out, "study.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    atomic_write_text(os.path.join(args.study_out, "study.json"), json.dumps(json_safe(summary), indent=2) + "\n")
     fig_dir = os.path.join(os.path.dirname(args.docs) or ".", "figures", "efficiency_study") if args.docs \
         else os.path.join(args.study_out, "figures")
     figures = plot_study(runs, fig_dir)

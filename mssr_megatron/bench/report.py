@@ -115,17 +115,8 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str) -> None:
+    """Strict JSON (non-finite floats as null), written atomically."""
+    from mssr_megatron.metrics import atomic_write_text, json_safe
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(_finite(result), fh, indent=1)
-
-
-def _finite(obj):
-    """Strict JSON: non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    atomic_write_text(path, json.dumps(json_safe(result), indent=1, allow_nan=False) + "\n")
