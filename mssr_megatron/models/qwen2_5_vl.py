@@ -37,15 +37,25 @@ def _te_available() -> bool:
     return True
 
 
+def layer_spec_arguments(model_cfg) -> tuple[str, dict]:
+    """(name of the megatron-core layer-spec builder in megatron.core.models.gpt.gpt_layer_specs, its keyword
+    arguments) for model.transformer_impl: what `layer_spec` calls, readable by the contract tests.
+
+    Qwen2 layers: no MoE, no query/key norm, no multi-latent attention. The local builder takes the norm type as an
+    argument; the Transformer Engine builder takes none: its fused norm+linear layers (TELayerNormColumnParallelLinear)
+    and TENorm read TransformerConfig.normalization ("RMSNorm", set by `language_config`) when they are built."""
+    common = dict(num_experts=None, qk_layernorm=False, multi_latent_attention=False)
+    if model_cfg.transformer_impl == "transformer_engine":
+        return "get_gpt_layer_with_transformer_engine_spec", dict(common, use_te_op_fuser=False)
+    return "get_gpt_layer_local_spec", dict(common, normalization="RMSNorm")
+
+
 def layer_spec(model_cfg):
     """The transformer layer spec for model.transformer_impl: 'local' or 'transformer_engine'.
 
-    The Transformer Engine spec (and FP8 through it) is GPU-only and has not been run: no GPU was available; only its
-    config plumbing and the missing-TE error are tested on CPU."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    The Transformer Engine spec (and FP8 through it) is GPU-only: not run (no GPU was available); on CPU its builder
+    arguments are bound against megatron-core's signature and the missing-TE / FP8-device errors are tested."""
+    from megatron.core.models.gpt import gpt_layer_specs
 
     if model_cfg.transformer_impl == "transformer_engine":
         if not _te_available():
@@ -53,10 +63,39 @@ def layer_spec(model_cfg):
                 "model.transformer_impl=transformer_engine (and FP8) needs Transformer Engine with a CUDA GPU; "
                 "install requirements-gpu.txt on a GPU node, or set model.transformer_impl=local model.fp8=null"
             )
-        return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")  # GPU-only path: never run here
-    if model_cfg.fp8 is not None:
+        _check_fp8_device(model_cfg)  # GPU-only: not run (no GPU was available)
+    elif model_cfg.fp8 is not None:
         raise RuntimeError("model.fp8 needs model.transformer_impl=transformer_engine (Transformer Engine, GPU)")
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    builder, kwargs = layer_spec_arguments(model_cfg)
+    return getattr(gpt_layer_specs, builder)(**kwargs)
+
+
+def _check_fp8_device(model_cfg) -> None:
+    """Refuse an FP8 recipe that this CUDA device cannot run (checked where the device is known: model build).
+    GPU-only: not run (no GPU was available); the decision itself (config_checks.fp8_recipe_problem) is tested."""
+    from mssr_megatron.config_checks import fp8_recipe_problem
+
+    if model_cfg.fp8 is not None and torch.cuda.is_available():
+        problem = fp8_recipe_problem(model_cfg.fp8_recipe, torch.cuda.get_device_capability())
+        if problem:
+            raise RuntimeError(problem)
+
+
+def _flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # ImportError, or an OSError/RuntimeError from a build that does not match this CUDA/torch
+        return False
+    return True
+
+
+def vision_attention_implementation(on_cuda: bool, dtype: torch.dtype) -> str:
+    """transformers' attention implementation for the vision tower: "flash_attention_2" when flash-attn is importable
+    and the tower runs on CUDA in bf16/fp16 (flash-attn's only device and dtypes; its variable-length kernel runs the
+    window attention without padding), else "sdpa" (deterministic on CPU)."""
+    if on_cuda and dtype in (torch.bfloat16, torch.float16) and _flash_attn_available():
+        return "flash_attention_2"
+    return "sdpa"
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -164,10 +203,12 @@ class Qwen2_5_VLMegatron(MegatronModule):
         if pre_process:
             from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-            vision_config = hf_config.vision_config
-            vision_config._attn_implementation = "sdpa"  # deterministic CPU path; flash-attention where installed
+            dtype = _DTYPES[model_cfg.params_dtype]
+            # not cpu_initialization: build_model puts the stage on CUDA (flash-attention there: GPU-only, not run
+            # (no GPU was available))
+            attention = vision_attention_implementation(on_cuda=not cpu_initialization, dtype=dtype)
             self.vision_model = Qwen2_5_VisionTransformerPretrainedModel._from_config(
-                vision_config, dtype=_DTYPES[model_cfg.params_dtype]
+                hf_config.vision_config, dtype=dtype, attn_implementation=attention
             )
             self.vision_model.requires_grad_(model_cfg.train_vision)
 
