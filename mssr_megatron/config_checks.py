@@ -11,7 +11,9 @@ from typing import Any
 
 from mssr_megatron.config_loader import ConfigError
 
-__all__ = ["check_run_config"]
+__all__ = ["check_run_config", "fp8_recipe_problem"]
+
+MXFP8_MIN_CAPABILITY = (10, 0)  # Blackwell: Transformer Engine runs MXFP8 GEMMs from compute capability 10.0 on
 
 
 def _require(ok: bool, message: str) -> None:
@@ -42,6 +44,27 @@ def _registries() -> tuple[Any, Any]:
     from mssr_megatron.algorithms import ESTIMATORS, POLICY_LOSSES
 
     return ESTIMATORS, POLICY_LOSSES
+
+
+def fp8_recipe_problem(recipe: str, capability: tuple[int, int]) -> str | None:
+    """Why FP8 recipe `recipe` cannot run on a CUDA device of compute capability `capability` (major, minor), or None.
+    MXFP8 needs Blackwell (compute capability >= 10.0); H100/H200 (9.0) and older are refused."""
+    if recipe == "mxfp8" and tuple(capability) < MXFP8_MIN_CAPABILITY:
+        major, minor = capability
+        return (f"model.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability >= 10.0) but this GPU has "
+                f"{major}.{minor}: use model.fp8_recipe=delayed or tensorwise on this GPU")
+    return None
+
+
+def _check_fp8_on_this_gpu(m: Any, device: str) -> None:
+    """The FP8 recipe against the CUDA device this process sees, when the run is on CUDA and one is visible."""
+    if m.fp8 is None or device == "cpu":
+        return
+    import torch
+
+    if torch.cuda.is_available():  # GPU-only: not run (no GPU was available)
+        problem = fp8_recipe_problem(m.fp8_recipe, torch.cuda.get_device_capability())
+        _require(problem is None, problem or "")
 
 
 def check_run_config(cfg: Any, world_size: int | None = None) -> None:
@@ -87,6 +110,8 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
                  "parallel.use_distributed_optimizer is GPU only; set it false with trainer.device=cpu")
         _require(r.engine == "hf",
                  f"rollout.engine={r.engine} needs CUDA; use rollout.engine=hf with trainer.device=cpu")
+
+    _check_fp8_on_this_gpu(m, device)
 
     # rollout
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p!r} must be in (0, 1]")
