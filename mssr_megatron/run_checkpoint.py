@@ -111,17 +111,18 @@ def save(ctx) -> str:
 
 
 def _write_conversion_metadata(ctx, model_dir: str) -> None:
-    """So that `mssr convert --to hf --input <save_dir>/step_N` exports this checkpoint (the model part)."""
+    """So that `mssr convert --to hf --input <save_dir>/step_N` exports this checkpoint (the model part); records the
+    layer implementation and FP8 settings the run's model was built with."""
     from megatron.core import parallel_state as ps
 
-    from mssr_megatron.checkpoint.convert import write_metadata
+    from mssr_megatron.checkpoint.convert import layer_metadata, write_metadata
 
     dims, text = ctx.actor.dims, ctx.hf_config.text_config
     write_metadata(model_dir, ctx.cfg.model.hf_path, tp=ps.get_tensor_model_parallel_world_size(),
                    pp=ps.get_pipeline_model_parallel_world_size(), dtype=ctx.cfg.model.params_dtype,
                    vocab_size=dims.vocab_size, padded_vocab_size=dims.padded_vocab_size,
                    num_layers=text.num_hidden_layers, tie_word_embeddings=bool(ctx.hf_config.tie_word_embeddings),
-                   state_key="model")
+                   state_key="model", **layer_metadata(ctx.cfg.model))
 
 
 def resolve_resume(cfg) -> str | None:

@@ -8,8 +8,15 @@ exactly tp * pp processes (scripts need an `if __name__ == "__main__":` guard). 
 mapping table (checkpoint/mapping.py); the tensors of the HF checkpoint must be exactly those the model reads.
 
 A Megatron checkpoint directory holds megatron's dist_checkpointing files, `mssr_checkpoint.json` (format version,
-source TP/PP, dtype, vocabulary sizes, tied flag, the HF tensor names and shapes) and `hf_config/` (the HF config,
-generation config, tokenizer and processor files), so that it converts back without the original directory.
+source TP/PP, dtype, vocabulary sizes, tied flag, the layer implementation and FP8 settings it was written with, the
+HF tensor names and shapes) and `hf_config/` (the HF config, generation config, tokenizer and processor files), so
+that it converts back without the original directory.
+
+Transformer Engine checkpoints: TE modules save per-module FP8 scaling metadata as `*._extra_state` entries
+(megatron wraps each in a ShardedObject); the final norm is TE's RMSNorm whenever TE is installed, whatever the layer
+spec, so even local-spec checkpoints written on a TE machine hold one. They carry no weights: loading skips the ones
+the CPU model does not ask for (and tolerates absent ones). TE's fused norm names are the checkpoint's names for both
+specs (see checkpoint/mapping.py).
 Outputs are written to a temporary sibling and renamed into place at the end: a failure leaves nothing behind.
 """
 
@@ -19,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import re
 
 from mssr_megatron.checkpoint.dist_io import (
     ConversionError,
@@ -37,6 +45,8 @@ MODEL_TYPE = "qwen2_5_vl"
 DTYPES = ("float32", "bfloat16", "float16")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 MAX_SHARD_BYTES = 5 * 1024**3  # exported safetensors files hold at most this much (like save_pretrained's default)
+LAYER_IMPLS = ("local", "transformer_engine")
+_EXTRA_STATE = re.compile(r"(^|\.)_extra_state\d*$")  # TE grouped linears number theirs: _extra_state1, ...
 
 __all__ = ["ConversionError", "hf_to_megatron", "megatron_to_hf", "load_megatron_checkpoint"]
 
@@ -120,6 +130,10 @@ def _read_metadata(ckpt_dir: str) -> dict:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ConversionError(f"{path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
                               f"this converter reads {FORMAT!r} version {FORMAT_VERSION}")
+    meta.setdefault("transformer_impl", "local")  # written before the layer implementation was recorded
+    if meta["transformer_impl"] not in LAYER_IMPLS:
+        raise ConversionError(f"{path} records transformer_impl {meta['transformer_impl']!r}; this converter reads "
+                              f"{' and '.join(LAYER_IMPLS)} checkpoints")
     _read_config(os.path.join(ckpt_dir, HF_CONFIG_DIR), "the checkpoint lacks its HF config; convert it again")
     if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
         raise ConversionError(f"{ckpt_dir} has no metadata.json of megatron dist_checkpointing: the checkpoint is "
@@ -247,10 +261,17 @@ def _uncovered_parameter(model, sharded_state_dict) -> str | None:
     return None
 
 
+def is_extra_state(key: str) -> bool:
+    """A module's `_extra_state` checkpoint entry (Transformer Engine's FP8 metadata; None for megatron's own linear
+    layers): no weights in it."""
+    return bool(_EXTRA_STATE.search(key))
+
+
 def load_megatron_checkpoint(model, ckpt_dir: str, state_key: str | None = None) -> None:
     """Load a dist_checkpointing checkpoint into this rank's stage (any TP/PP: dist_checkpointing reshards). Keys
     missing from the checkpoint fail with ConversionError, and so do unexpected ones, except the optimizer state that
-    a trainer run checkpoint holds beside the model (under `state_key`)."""
+    a trainer run checkpoint holds beside the model (under `state_key`) and modules' extra state (Transformer
+    Engine's FP8 metadata, see the module docstring), which are skipped."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -262,8 +283,9 @@ def load_megatron_checkpoint(model, ckpt_dir: str, state_key: str | None = None)
         state, not_requested, absent = dist_checkpointing.load(request, ckpt_dir, strict=StrictHandling.RETURN_ALL)
     except (CheckpointingException, KeyError, RuntimeError) as exc:
         raise ConversionError(f"cannot load {ckpt_dir}: {(str(exc).splitlines() or [''])[0]}") from None
-    extra = sorted(k for k in not_requested if not k.startswith("optimizer."))
-    for keys, what in ((sorted(absent), "lacks"), (extra, "holds an unexpected")):
+    extra = sorted(k for k in not_requested if not k.startswith("optimizer.") and not is_extra_state(k))
+    absent = sorted(k for k in absent if not is_extra_state(k))  # the local layers' own extra state is empty anyway
+    for keys, what in ((absent, "lacks"), (extra, "holds an unexpected")):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
             raise ConversionError(f"cannot load {ckpt_dir}: the checkpoint {what} tensor {keys[0]}{more}; "
@@ -308,20 +330,33 @@ def _to_hf_rank(rank: int, tmp: str, ckpt_dir: str, tp: int, pp: int, dtype: str
 
 
 # ---------------------------------------------------------------------------------------------------------- API
+def layer_metadata(model_cfg) -> dict:
+    """The layer implementation a model was built with, as recorded in mssr_checkpoint.json: transformer_impl and the
+    FP8 settings (null without FP8) of a ModelConfig."""
+    fp8 = None
+    if model_cfg.fp8 is not None:
+        fp8 = dict(format=model_cfg.fp8, recipe=model_cfg.fp8_recipe, margin=model_cfg.fp8_margin,
+                   amax_history_len=model_cfg.fp8_amax_history_len,
+                   amax_compute_algo=model_cfg.fp8_amax_compute_algo)
+    return dict(transformer_impl=model_cfg.transformer_impl, fp8=fp8)
+
+
 def write_metadata(ckpt_dir: str, hf_dir: str, index: dict | None = None, *, tp: int, pp: int, dtype: str,
                    vocab_size: int, padded_vocab_size: int, num_layers: int, tie_word_embeddings: bool,
-                   state_key: str | None = None) -> None:
+                   state_key: str | None = None, transformer_impl: str = "local", fp8: dict | None = None) -> None:
     """Make the dist_checkpointing directory `ckpt_dir` convertible back to HF: write `mssr_checkpoint.json` and copy
     the HF config, tokenizer and processor files of `hf_dir` (the model it started from) into `hf_config/`.
-    Used by hf_to_megatron and by the trainer's run checkpoints, whose model state sits under `state_key` ("model",
-    beside "optimizer")."""
+    Used by hf_to_megatron (local layers, no FP8) and by the trainer's run checkpoints, whose model state sits under
+    `state_key` ("model", beside "optimizer") and whose layer implementation is recorded (`layer_metadata`)."""
+    if transformer_impl not in LAYER_IMPLS:
+        raise ValueError(f"transformer_impl={transformer_impl!r} must be one of {LAYER_IMPLS}")
     index = hf_tensor_index(hf_dir) if index is None else index
     dtypes = [_SAFETENSORS_DTYPES.get(d, dtype) for _, _, d, _ in index.values()]
     meta = dict(format=FORMAT, format_version=FORMAT_VERSION, model_type=MODEL_TYPE, source_tp=tp, source_pp=pp,
                 dtype=dtype, hf_dtype=max(set(dtypes), key=dtypes.count) if dtypes else dtype,
                 vocab_size=vocab_size, padded_vocab_size=padded_vocab_size, num_layers=num_layers,
-                tie_word_embeddings=tie_word_embeddings, state_key=state_key,
-                hf_tensors={name: shape for name, (_, _, _, shape) in sorted(index.items())})
+                tie_word_embeddings=tie_word_embeddings, state_key=state_key, transformer_impl=transformer_impl,
+                fp8=fp8, hf_tensors={name: shape for name, (_, _, _, shape) in sorted(index.items())})
     if tie_word_embeddings:
         meta["hf_tensors"].pop("lm_head.weight", None)
     with open(os.path.join(ckpt_dir, METADATA_FILE), "w") as fh:

@@ -20,7 +20,6 @@ from mssr_megatron.checkpoint.mapping import (
     ModelDims,
     Replicated,
     VocabParallel,
-    canonical_megatron_name,
     global_layer_name,
     resolve,
 )
@@ -44,11 +43,12 @@ def _layer_offset(model) -> int:
 
 
 def megatron_parameters(model) -> Iterator[tuple[str, torch.nn.Parameter, Mapping, list[str]]]:
-    """(global canonical name, parameter, mapping, HF names) for every parameter of this stage."""
+    """(global name, parameter, mapping, HF names) for every parameter of this stage; local-spec and Transformer
+    Engine names both resolve through the mapping table."""
     offset = _layer_offset(model)
     tied = model.share_embeddings_and_output_weights
     for local_name, param in model.named_parameters():
-        name = global_layer_name(canonical_megatron_name(local_name), offset)
+        name = global_layer_name(local_name, offset)
         if tied and name == TIED_OUTPUT:  # the last stage's copy of the tied embedding (pipeline parallel)
             yield name, param, VocabParallel(name, (EMBEDDING_HF,)), [EMBEDDING_HF]
             continue

@@ -2,8 +2,13 @@
 
 This table is the only place in the project that knows weight names. Conversion (HF <-> Megatron checkpoint) and the
 weight export to rollout engines both read it. `*` in a name stands for a layer index (global over pipeline stages
-on the Megatron side) or, for `visual.*`, for any suffix. Each mapping turns HF tensors into the tensor-parallel
-shard of one Megatron parameter, and the shards of all TP ranks back into HF tensors:
+on the Megatron side) or, for `visual.*`, for any suffix. A mapping's `te` is the parameter's name in a model built
+with the Transformer Engine layer spec where it differs from the local spec's: TE fuses the pre-attention and pre-MLP
+norms into the following linear layer (TELayerNormColumnParallelLinear), so `input_layernorm.weight` is
+`self_attention.linear_qkv.layer_norm_weight` and `pre_mlp_layernorm.weight` is `mlp.linear_fc1.layer_norm_weight`.
+(Megatron's checkpoints use the TE names for both specs: the local spec maps its norms to them when saving.)
+Each mapping turns HF tensors into the tensor-parallel shard of one Megatron parameter, and the shards of all TP ranks
+back into HF tensors:
 
     Replicated     same tensor on every rank (norms, the vision tower)
     ColumnParallel split along dim 0                  RowParallel  split along dim 1
@@ -44,6 +49,12 @@ class Mapping(abc.ABC):
 
     megatron: str
     hf: tuple[str, ...]
+    te: str | None = None  # the name under the Transformer Engine layer spec, where it differs
+
+    @property
+    def megatron_names(self) -> tuple[str, ...]:
+        """Every Megatron name of this parameter (local spec, then Transformer Engine spec)."""
+        return (self.megatron,) if self.te is None else (self.megatron, self.te)
 
     @abc.abstractmethod
     def to_shard(self, hf: list[torch.Tensor], rank: int, size: int, dims: ModelDims) -> torch.Tensor:
@@ -140,25 +151,20 @@ _HF_LAYER = "model.layers.*."
 
 QWEN2_5_VL_MAPPINGS: tuple[Mapping, ...] = (
     VocabParallel(_LM + "embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
-    Replicated(_LAYER + "input_layernorm.weight", (_HF_LAYER + "input_layernorm.weight",)),
+    Replicated(_LAYER + "input_layernorm.weight", (_HF_LAYER + "input_layernorm.weight",),
+               te=_LAYER + "self_attention.linear_qkv.layer_norm_weight"),
     QKVFused(_LAYER + "self_attention.linear_qkv.weight",
              tuple(_HF_LAYER + f"self_attn.{p}_proj.weight" for p in "qkv")),
     QKVFused(_LAYER + "self_attention.linear_qkv.bias", tuple(_HF_LAYER + f"self_attn.{p}_proj.bias" for p in "qkv")),
     RowParallel(_LAYER + "self_attention.linear_proj.weight", (_HF_LAYER + "self_attn.o_proj.weight",)),
-    Replicated(_LAYER + "pre_mlp_layernorm.weight", (_HF_LAYER + "post_attention_layernorm.weight",)),
+    Replicated(_LAYER + "pre_mlp_layernorm.weight", (_HF_LAYER + "post_attention_layernorm.weight",),
+               te=_LAYER + "mlp.linear_fc1.layer_norm_weight"),
     GatedMLP(_LAYER + "mlp.linear_fc1.weight", (_HF_LAYER + "mlp.gate_proj.weight", _HF_LAYER + "mlp.up_proj.weight")),
     RowParallel(_LAYER + "mlp.linear_fc2.weight", (_HF_LAYER + "mlp.down_proj.weight",)),
     Replicated(_LM + "decoder.final_layernorm.weight", ("model.norm.weight",)),
     VocabParallel(_LM + "output_layer.weight", ("lm_head.weight",)),
     Replicated("vision_model.*", ("visual.*",)),
 )
-
-# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
-TE_NAME_ALIASES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
-
 
 # transformers 5 holds (and may save) the published names under other prefixes; this is the one rule mapping them back.
 HF_IN_MEMORY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
@@ -189,20 +195,12 @@ def _pattern(name: str, layer_only: bool) -> re.Pattern:
     return re.compile("^" + re.escape(name).replace(r"\*", star) + "$")
 
 
-_COMPILED = [(m, _pattern(m.megatron, m.megatron.endswith(".*.") or "layers.*" in m.megatron)) for m in
-             QWEN2_5_VL_MAPPINGS]
-
-
-def canonical_megatron_name(name: str) -> str:
-    """The local-spec name of a Megatron parameter (Transformer Engine's fused norm names mapped back)."""
-    for te_name, local_name in TE_NAME_ALIASES.items():
-        if name.endswith(te_name):
-            return name[: -len(te_name)] + local_name
-    return name
+_COMPILED = [(m, _pattern(name, "layers.*" in name)) for m in QWEN2_5_VL_MAPPINGS for name in m.megatron_names]
 
 
 def resolve(megatron_name: str) -> tuple[Mapping, list[str]]:
-    """The mapping of a (global, canonical) Megatron parameter name and the concrete HF names it reads."""
+    """The mapping of a (global) Megatron parameter name, local-spec or Transformer Engine, and the concrete HF names
+    it reads."""
     for mapping, pattern in _COMPILED:
         match = pattern.match(megatron_name)
         if match:
