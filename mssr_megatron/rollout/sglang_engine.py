@@ -145,7 +145,10 @@ def sglang_generate_input(requests: list[GenerationRequest], sampling: SamplingP
         "stream": False,
     }
     if any(requests[r].images for r, _ in entries):
-        kwargs["image_data"] = [[sglang_image(im) for im in requests[r].images] or None for r, _ in entries]
+        # A text-only entry gets [], never None: GenerateReqInput._normalize_image_data keeps a list of lists only
+        # when the FIRST entry is a list, and otherwise wraps every entry once more (a leading None would turn the
+        # other requests' image lists into one nested "image" each).
+        kwargs["image_data"] = [[sglang_image(im) for im in requests[r].images] for r, _ in entries]
     return kwargs, layout
 
 
