@@ -88,8 +88,10 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.models.processor import load_processor
     from mssr_megatron.parallel import compute_device, init_megatron
     from mssr_megatron.rewards import RewardGrader
+    from mssr_megatron.rollout.nccl_env import set_engine_nccl_env
     from mssr_megatron.rollout.sampling import blocked_token_ids
 
+    set_engine_nccl_env(cfg.rollout.engine)  # every rank, before any communicator: as the engine's rank will have it
     hf_config = load_hf_config(cfg.model.hf_path)
     check_layout(hf_config, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     processor = load_processor(cfg.model.hf_path)
