@@ -67,12 +67,27 @@ class RunContext:
         destroy_megatron()
 
 
+def looks_like_hub_id(path: str) -> bool:
+    """'owner/name' that is not a local path: what from_pretrained would fetch from the Hugging Face hub."""
+    return (not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "~"))
+            and all(part and part.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                    for part in path.split("/")))
+
+
 def load_hf_config(model_dir: str):
+    """The HF config of model.hf_path, a local directory only: the trainer never downloads (cluster nodes have no
+    internet, and every rank would fetch on its own), so a hub id or a missing directory is refused, saying how."""
     from transformers import AutoConfig
 
+    if looks_like_hub_id(model_dir):
+        raise FileNotFoundError(
+            f"model.hf_path={model_dir!r} looks like a Hugging Face hub id; download it on a machine with internet "
+            f"access (`huggingface-cli download {model_dir} --local-dir DIR`, DIR on storage every node sees) and "
+            "point model.hf_path at the local directory DIR")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"model.hf_path={model_dir!r} has no config.json: point it at a Hugging Face "
-                                "Qwen2.5-VL directory (for the tiny default, run `mssr make-tiny` first)")
+        raise FileNotFoundError(f"model.hf_path={model_dir!r} has no config.json: point it at a local Hugging Face "
+                                "Qwen2.5-VL directory (the published configs hold a placeholder path to replace; for "
+                                "the tiny default, run `mssr make-tiny` first)")
     return AutoConfig.from_pretrained(model_dir)
 
 
