@@ -48,7 +48,7 @@ from mssr_megatron.rollout.buckets import WeightBucket
 from mssr_megatron.rollout.engine_common import BLOCK_BIAS, IMAGE_TOKEN, TokenPolicy, error_rollouts, generate_isolated
 from mssr_megatron.rollout.protocol import GenerationRequest, Rollout, SamplingParams
 
-SGLANG_MISSING = "rollout.engine=sglang needs SGLang on a CUDA node: pip install -r requirements-gpu.txt"
+SGLANG_MISSING = "rollout.engine=sglang needs SGLang on a CUDA node: pip install 'mssr-megatron[sglang]' (README)"
 
 #: SGLang's memory tags (srt/constants.py).
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
