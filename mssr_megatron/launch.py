@@ -4,8 +4,9 @@
         --partition gpu --account proj [key=value ...] [--dry-run]
 
 The config (with its overrides) is loaded and validated for the job's world size first, so batch-size or layout
-mistakes are reported here and not an hour later in a queue. The script has the `#SBATCH` lines (nodes, GPUs, time,
-partition, log file, requeue, an early SIGUSR1 before the time limit), the few variables of
+mistakes are reported here and not an hour later in a queue. The script has the `#SBATCH` lines (nodes, GPUs, CPUs
+per task (at least one core per rank, reward worker and engine process: `node_processes`), time, partition, log
+file, requeue, an early SIGUSR1 before the time limit), the few variables of
 examples/slurm/common.sh, and one call of its `mssr_main`: the same code as the hand-written scripts in
 examples/slurm, so preemption, requeue and resume behave identically. It is written to
 <output_dir>/slurm/job.sbatch (or printed with --dry-run) and submitted; the job id is printed.
@@ -36,8 +37,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8; 0 = a CPU job)")
     job.add_argument("--procs-per-node", type=int, default=None,
                      help="training ranks per node (default: --gpus-per-node; required for CPU jobs)")
-    job.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per node for the ranks (default: "
-                     "the cluster's default)")
+    job.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per node (one task per node), "
+                     "passed to sbatch and srun (default: one per training rank, reward worker and rollout-engine "
+                     "process of the busiest node; fewer is refused)")
     job.add_argument("--time", default="24:00:00", help="time limit, SLURM syntax (default 24:00:00)")
     job.add_argument("--partition", default=None, help="SLURM partition")
     job.add_argument("--account", default=None, help="SLURM account")
@@ -98,6 +100,28 @@ def time_limit_seconds(text: str) -> int | None:
     return sum(p * u for p, u in zip(parts, units))
 
 
+def node_processes(cfg, procs: int) -> dict[str, int]:
+    """The CPU-bound processes of the busiest node (the one with global rank 0, which also drives the rollout engine
+    and grades): each needs a core of its own. SGLang runs a scheduler per engine TP rank plus a detokenizer; vLLM a
+    worker per engine TP rank plus its engine core; the HF engine runs inside rank 0."""
+    engine = 0 if cfg.rollout.engine == "hf" else cfg.rollout.engine_tp_size + 1
+    return {"training ranks": procs, "reward workers": cfg.data.reward_workers, "rollout-engine processes": engine}
+
+
+def cpus_per_task(args: argparse.Namespace, cfg, procs: int) -> int:
+    """--cpus-per-task, or the node's process count by default; a ValueError when it is fewer than that."""
+    need = node_processes(cfg, procs)
+    total = sum(need.values())
+    if args.cpus_per_task is None:
+        return total
+    if args.cpus_per_task < total:
+        parts = " + ".join(f"{n} {what}" for what, n in need.items() if n)
+        raise ValueError(f"--cpus-per-task {args.cpus_per_task} is fewer than the node's {total} processes ({parts}): "
+                         f"they would share cores; pass --cpus-per-task {total} or more (or lower "
+                         "data.reward_workers)")
+    return args.cpus_per_task
+
+
 def _check_shape(args: argparse.Namespace) -> int:
     """Training ranks per node; a ValueError names the bad flag."""
     if args.nodes < 1:
@@ -119,14 +143,14 @@ def _check_shape(args: argparse.Namespace) -> int:
     return procs
 
 
-def render_script(args: argparse.Namespace, *, procs: int, job_name: str, log_dir: str, repo: str,
+def render_script(args: argparse.Namespace, *, procs: int, cpus: int, job_name: str, log_dir: str, repo: str,
                   config: str) -> str:
-    """The batch script: #SBATCH header, exported variables, `mssr_main CONFIG overrides`."""
+    """The batch script: #SBATCH header, exported variables, `mssr_main CONFIG overrides`. common.sh hands the job's
+    --cpus-per-task (`cpus`) on to srun."""
     sbatch = [f"--job-name={job_name}", f"--nodes={args.nodes}", "--ntasks-per-node=1"]
     if args.gpus_per_node:
         sbatch.append(f"--gpus-per-node={args.gpus_per_node}")
-    if args.cpus_per_task:
-        sbatch.append(f"--cpus-per-task={args.cpus_per_task}")
+    sbatch.append(f"--cpus-per-task={cpus}")
     sbatch.append(f"--time={args.time}")
     sbatch += [f"--partition={args.partition}"] if args.partition else []
     sbatch += [f"--account={args.account}"] if args.account else []
@@ -156,10 +180,11 @@ def run_launch(args: argparse.Namespace) -> int:
     if not os.path.isfile(config):
         raise FileNotFoundError(f"config {args.config!r} not found")
     run_dir, _, cfg = run_dirs(config, args.overrides, world_size=args.nodes * procs)
+    cpus = cpus_per_task(args, cfg, procs)
     repo = find_repo(args.repo)
     job_name = args.job_name or cfg.logging.run_name or os.path.basename(run_dir.rstrip(os.sep)) or "mssr"
     log_dir = os.path.join(run_dir, "slurm")
-    text = render_script(args, procs=procs, job_name=job_name, log_dir=log_dir, repo=repo, config=config)
+    text = render_script(args, procs=procs, cpus=cpus, job_name=job_name, log_dir=log_dir, repo=repo, config=config)
     if args.dry_run:
         print(text, end="")
         return 0

@@ -67,12 +67,27 @@ class RunContext:
         destroy_megatron()
 
 
+def looks_like_hub_id(path: str) -> bool:
+    """'owner/name' that is not a local path: what from_pretrained would fetch from the Hugging Face hub."""
+    return (not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "~"))
+            and all(part and part.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                    for part in path.split("/")))
+
+
 def load_hf_config(model_dir: str):
+    """The HF config of model.hf_path, a local directory only: the trainer never downloads (cluster nodes have no
+    internet, and every rank would fetch on its own), so a hub id or a missing directory is refused, saying how."""
     from transformers import AutoConfig
 
+    if looks_like_hub_id(model_dir):
+        raise FileNotFoundError(
+            f"model.hf_path={model_dir!r} looks like a Hugging Face hub id; download it on a machine with internet "
+            f"access (`huggingface-cli download {model_dir} --local-dir DIR`, DIR on storage every node sees) and "
+            "point model.hf_path at the local directory DIR")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"model.hf_path={model_dir!r} has no config.json: point it at a Hugging Face "
-                                "Qwen2.5-VL directory (for the tiny default, run `mssr make-tiny` first)")
+        raise FileNotFoundError(f"model.hf_path={model_dir!r} has no config.json: point it at a local Hugging Face "
+                                "Qwen2.5-VL directory (the published configs hold a placeholder path to replace; for "
+                                "the tiny default, run `mssr make-tiny` first)")
     return AutoConfig.from_pretrained(model_dir)
 
 
@@ -88,8 +103,10 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.models.processor import load_processor
     from mssr_megatron.parallel import compute_device, init_megatron
     from mssr_megatron.rewards import RewardGrader
+    from mssr_megatron.rollout.nccl_env import set_engine_nccl_env
     from mssr_megatron.rollout.sampling import blocked_token_ids
 
+    set_engine_nccl_env(cfg.rollout.engine)  # every rank, before any communicator: as the engine's rank will have it
     hf_config = load_hf_config(cfg.model.hf_path)
     check_layout(hf_config, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     processor = load_processor(cfg.model.hf_path)

@@ -294,7 +294,46 @@ def test_images_go_as_one_list_per_entry(tmp_path):
     path.write_bytes(b"\x89PNG fake bytes")
     reqs = [GenerationRequest("a", "<|image_pad|><|image_pad|>", [str(path), b"raw"]), GenerationRequest("b", "x")]
     kwargs, _ = sglang_generate_input(reqs, SamplingParams(n=2, seed=1))
-    assert kwargs["image_data"] == [[b"\x89PNG fake bytes", b"raw"]] * 2 + [None, None]
+    assert kwargs["image_data"] == [[b"\x89PNG fake bytes", b"raw"]] * 2 + [[], []]
+
+
+def sglang_normalized_images(kwargs: dict) -> tuple[list, list]:
+    """(text, image_data) per expanded entry after SGLang's own batch normalisation of GenerateReqInput
+    (io_struct.py: batch size, parallel-sampling expansion, image normalisation), run on a stand-in object."""
+    methods = ["_determine_batch_size", "_sampling_params_beam_width", "_handle_beam_search_parallel_sampling",
+               "_handle_parallel_sampling", "_expand_inputs", "_normalize_image_data"]
+    ns = src.sglang_defs("srt/managers/io_struct.py", methods, {}, class_name="GenerateReqInput")
+    req = types.SimpleNamespace(text=kwargs["text"], sampling_params=kwargs["sampling_params"],
+                                image_data=kwargs.get("image_data"), input_ids=None, input_embeds=None,
+                                modalities=None)
+    for name in methods:  # bind the SGLang methods to the stand-in, as methods of the real class would be
+        setattr(req, name, types.MethodType(ns[name], req))
+    req._determine_batch_size()
+    req._handle_parallel_sampling()
+    num = req.batch_size * req.parallel_sample_num
+    req._expand_inputs(num)
+    req._normalize_image_data(num)
+    return req.text, req.image_data
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(n=1), SamplingParams(n=3), SamplingParams(n=2, seed=4)])
+def test_text_only_entries_do_not_mis_wrap_the_batch_images(sampling):
+    """A text-only request first in a mixed batch: SGLang must still see each request's own image list."""
+    has_valid_data = src.sglang_defs("srt/multimodal/mm_utils.py", ["has_valid_data"], {
+        "flatten_nested_list": src.sglang_defs("srt/utils/common.py", ["flatten_nested_list"], {})[
+            "flatten_nested_list"]})["has_valid_data"]
+    reqs = [GenerationRequest("t", "text only"), GenerationRequest("a", "<|image_pad|> one", [b"img-a"]),
+            GenerationRequest("b", "<|image_pad|><|image_pad|> two", [b"img-b1", b"img-b2"]),
+            GenerationRequest("u", "also text")]
+    kwargs, _ = sglang_generate_input(reqs, sampling, POLICY)
+    texts, images = sglang_normalized_images(kwargs)
+    by_prompt = {r.prompt: r.images for r in reqs}
+    assert len(texts) == len(images) == len(reqs) * sampling.n
+    for text, entry in zip(texts, images):
+        want = by_prompt[text]
+        assert has_valid_data(entry) == bool(want), (text, entry)
+        if want:
+            assert entry == want, (text, entry)  # one list of this request's images, not wrapped again
 
 
 # -------------------------------------------------------------------------------------- (d) output conversion

@@ -4,8 +4,9 @@
 # One job attempt:
 #   1. resolve the run directory and checkpoint directory from the config (this also validates it for the job's
 #      world size, so a bad config fails here, in seconds, not after the model has loaded);
-#   2. `srun` starts one torchrun per node; torchrun starts NPROC_PER_NODE training ranks, always with
-#      checkpoint.resume=auto, so a requeued job continues from its newest complete checkpoint;
+#   2. `srun` starts one torchrun per node, with all of the node's CPUs (--cpus-per-task; see mssr_setup_env);
+#      torchrun starts NPROC_PER_NODE training ranks, always with checkpoint.resume=auto, so a requeued job
+#      continues from its newest complete checkpoint;
 #   3. a preemption notice to the batch shell (SIGUSR1 from `#SBATCH --signal=B:USR1@T` or from
 #      `scancel --batch --signal=USR1 JOBID`) is passed on as SIGUSR1 to the training ranks on this node, by PID.
 #      One rank is enough: the trainer all-reduces the stop flag, every rank saves at the same step and exits 0;
@@ -55,9 +56,13 @@ mssr_setup_env() {
     HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
     MAX_REQUEUES=${MAX_REQUEUES:-20}
+    # CPUs of the node's task (one task per node): the job's --cpus-per-task, else every CPU allotted on the node.
+    # srun gets it explicitly: since Slurm 22.05 a step does not inherit the batch job's --cpus-per-task, and the
+    # default of one CPU per task would pin every rank, engine process and reward worker of the node to one core.
+    MSSR_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$NPROC_PER_NODE}}
     # CPU threads per rank: the task's CPUs shared by its ranks (torch would otherwise start one thread per core
     # in every rank and oversubscribe the node).
-    local threads=$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE ))
+    local threads=$(( MSSR_CPUS_PER_TASK / NPROC_PER_NODE ))
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
     export PYTHONUNBUFFERED=1                                    # log lines appear in the job log as they happen
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead rank fails the job
@@ -162,7 +167,8 @@ mssr_main() {
     rm -f "$run_dir/PREEMPTED"  # only this attempt's trainer may ask for a requeue
 
     # shellcheck disable=SC2046
-    mssr_run_step srun --ntasks-per-node=1 --nodes="$NNODES" --kill-on-bad-exit=1 \
+    mssr_run_step srun --ntasks-per-node=1 --nodes="$NNODES" --cpus-per-task="$MSSR_CPUS_PER_TASK" \
+        --kill-on-bad-exit=1 \
         bash -c "source '$MSSR_REPO/examples/slurm/common.sh' && mssr_start_node \"\$@\"" mssr-node \
         $(mssr_torchrun_args) -m mssr_megatron.cli train "$config" "${overrides[@]}"
     local rc=$?

@@ -7,7 +7,8 @@ itemsize - 1 zero bytes of padding before it): SGLang rebuilds a tensor as `flat
 refuses at a misaligned byte offset (e.g. a float32 after three bfloat16 values). A bucket that needs no padding
 (e.g. one dtype) has exactly the unpadded layout of SGLang's `FlattenedTensorBucket.empty`, the receive buffer of
 update_weights_from_distributed. `stream_buckets` writes tensors straight into one reused buffer, so streaming a whole
-model costs one bucket plus the one tensor being added, never a second copy.
+model costs one bucket plus the one tensor being added, never a second copy; for an engine that still reads a bucket
+after its update call returned (SGLang over CUDA IPC), it gives every bucket a buffer of its own instead.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def _aligned(offset: int, tensor: torch.Tensor) -> int:
     return -(-offset // size) * size
 
 
-def stream_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[WeightBucket]:
+def stream_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                   fresh_buffers: bool = False) -> Iterator[WeightBucket]:
     """Pack a stream of (name, tensor) into buckets of at most `bucket_bytes`. Each tensor is copied into the bucket
     as it arrives and then let go, and ONE buffer is reused for every bucket, so peak memory is one bucket plus the
     tensor being added. A tensor larger than a bucket becomes a bucket of its own without a copy (a byte view).
@@ -81,6 +83,13 @@ def stream_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_byt
     Contract: a yielded bucket is valid until the next one is requested and may view the caller's tensors (the
     trainer's parameters): engines copy it into their own weights before asking for more and never write to it.
     Use `pack` for buckets that must outlive the iteration.
+
+    fresh_buffers=True: every bucket gets a buffer of its own and this generator never writes to a bucket it has
+    yielded, so a consumer that still reads a bucket after asking for the next one (SGLang copies from a CUDA-IPC view
+    on its own stream, without synchronising, after its update call has returned) sees the bytes that were sent. The
+    buffer of a bucket nobody holds any more goes back to torch's allocator; under CUDA IPC, torch keeps a shared
+    block out of reuse until the receiving process has synchronised its stream and dropped its reference. Peak memory
+    is then one bucket more (the previous one, while the consumer's loop still holds it).
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket size must be positive, got {bucket_bytes} bytes")
@@ -93,6 +102,8 @@ def stream_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_byt
         if metadata and (start + n > bucket_bytes or buffer.device != tensor.device):
             yield WeightBucket(buffer[:offset], metadata)
             metadata, offset, start = [], 0, 0
+            if fresh_buffers:
+                buffer = None  # the yielded bucket keeps its buffer; the next one is allocated below
         if n > bucket_bytes:  # a bucket of its own, zero-copy: its bytes viewed in place
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
             yield WeightBucket(data, [TensorMeta(name, tensor.shape, tensor.dtype, 0, n, n)])

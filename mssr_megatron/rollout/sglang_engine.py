@@ -48,7 +48,7 @@ from mssr_megatron.rollout.buckets import WeightBucket
 from mssr_megatron.rollout.engine_common import BLOCK_BIAS, IMAGE_TOKEN, TokenPolicy, error_rollouts, generate_isolated
 from mssr_megatron.rollout.protocol import GenerationRequest, Rollout, SamplingParams
 
-SGLANG_MISSING = "rollout.engine=sglang needs SGLang on a CUDA node: pip install -r requirements-gpu.txt"
+SGLANG_MISSING = "rollout.engine=sglang needs SGLang on a CUDA node: pip install 'mssr-megatron[sglang]' (README)"
 
 #: SGLang's memory tags (srt/constants.py).
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
@@ -145,7 +145,10 @@ def sglang_generate_input(requests: list[GenerationRequest], sampling: SamplingP
         "stream": False,
     }
     if any(requests[r].images for r, _ in entries):
-        kwargs["image_data"] = [[sglang_image(im) for im in requests[r].images] or None for r, _ in entries]
+        # A text-only entry gets [], never None: GenerateReqInput._normalize_image_data keeps a list of lists only
+        # when the FIRST entry is a list, and otherwise wraps every entry once more (a leading None would turn the
+        # other requests' image lists into one nested "image" each).
+        kwargs["image_data"] = [[sglang_image(im) for im in requests[r].images] for r, _ in entries]
     return kwargs, layout
 
 
@@ -177,9 +180,11 @@ def flattened_bucket_payload(bucket: WeightBucket, tp_size: int,
     """What `Engine.update_weights_from_tensor(named_tensors=..., load_format="flattened_bucket")` receives for one
     bucket: one serialized {"flattened_tensor", "metadata"} per TP rank (each rank deserializes only its own copy, so
     CUDA-IPC references are dropped after every load). A CUDA bucket travels as an IPC handle, not as data: every TP
-    rank copies from the trainer's GPU, and the bucket must stay untouched until the update call returns (it does:
-    the call waits for all ranks). `serialize` defaults to SGLang's MultiprocessingSerializer with its UUID-based
-    CUDA-IPC reductions; tests pass the same serializer loaded without SGLang's CUDA deps."""
+    rank copies from the trainer's GPU, and that copy may still be running when the update call returns (SGLang does
+    not synchronise its stream), so the bucket must never be overwritten (`SGLangEngine.reads_buckets_after_return`:
+    one buffer per bucket; GPU-only: not run (no GPU was available)). `serialize` defaults to SGLang's
+    MultiprocessingSerializer with its UUID-based CUDA-IPC reductions; tests pass the same serializer loaded without
+    SGLang's CUDA deps."""
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     meta_cls = _sglang("sglang.srt.weight_sync.tensor_bucket").FlattenedTensorMetadata
@@ -201,6 +206,10 @@ class SGLangEngine:
     One engine per node, TP size `rollout.engine_tp_size`, GPUs from `base_gpu_id`; memory saver on when colocated so
     that `release_memory` frees weights, KV cache and CUDA graphs while training. Sampling follows the HF engine's
     token policy (blocked ids, end ids; `engine_common.TokenPolicy`)."""
+
+    #: SGLang's flattened-bucket load copies from a CUDA-IPC view of the bucket on its own stream and returns without
+    #: synchronising it, so `sync_weights` must not overwrite a sent bucket (it gives each bucket its own buffer).
+    reads_buckets_after_return = True
 
     def __init__(self, model_dir, rollout_cfg, *, base_gpu_id: int = 0, deterministic: bool = False,
                  policy: TokenPolicy | None = None, image_token: str = IMAGE_TOKEN, **engine_overrides):
@@ -237,7 +246,8 @@ class SGLangEngine:
 
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
         """Load buckets in place (CUDA IPC, no copy through the host), then flush the prefix cache once: buckets are
-        streamed (each valid until the next is requested), so the last one is not known in advance."""
+        streamed, so the last one is not known in advance. Each bucket must have a buffer of its own
+        (`reads_buckets_after_return`): SGLang may still be copying from it after the call returns."""
         with self._weight_update_session():
             for bucket in buckets:
                 payload = flattened_bucket_payload(bucket, self.tp_size)

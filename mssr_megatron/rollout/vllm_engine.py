@@ -33,7 +33,7 @@ from mssr_megatron.rollout.buckets import WeightBucket
 from mssr_megatron.rollout.engine_common import BLOCK_BIAS, IMAGE_TOKEN, TokenPolicy, error_rollouts, generate_isolated
 from mssr_megatron.rollout.protocol import GenerationRequest, Rollout, SamplingParams
 
-VLLM_MISSING = "rollout.engine=vllm needs vLLM on a CUDA node: pip install -r requirements-gpu.txt"
+VLLM_MISSING = "rollout.engine=vllm needs vLLM on a CUDA node: pip install 'mssr-megatron[vllm]' (README)"
 
 #: Import path of the worker extension (vLLM imports it inside each worker process).
 WORKER_EXTENSION = "mssr_megatron.rollout.vllm_engine.VLLMWeightLoader"

@@ -6,8 +6,9 @@ rank that drives the node's engine) receives everything:
      the mapping table (`hf_bridge.export_hf_weights`);
   2. stage 0's owner streams its own tensors, then receives those of stages 1..PP-1 in order, point to point from
      each stage's TP-rank-0 (a header object, then the tensor), one tensor at a time;
-  3. the owner packs the stream into buckets of `bucket_bytes` (`buckets.stream_buckets`, one reused buffer) and
-     hands each to the engine before the next is built.
+  3. the owner packs the stream into buckets of `bucket_bytes` (`buckets.stream_buckets`, one reused buffer, or one
+     buffer per bucket for an engine that reads a bucket after its update call returned) and hands each to the
+     engine before the next is built.
 Peak extra memory on the owner: one bucket plus one full parameter (and its TP shards while gathering).
 
 Devices: tensors stay where the model is (on GPU, the exported tensors and the buckets are CUDA tensors); the engine
@@ -97,17 +98,35 @@ def _recv_object(src: int):
     return box[0]
 
 
+def check_verifiable(engine) -> None:
+    """Raise if sync_weights(verify=True) cannot verify `engine`: only engines that report a checksum per published
+    weight (`weight_checksums`, the HF engine) can be compared with what was sent."""
+    if engine is not None and not callable(getattr(engine, "weight_checksums", None)):
+        name = type(engine).__name__
+        raise ValueError(
+            f"sync_weights(verify=True): the {name} rollout engine reports no per-weight checksums, so what it holds "
+            "cannot be compared with what was sent. Verify the weight export with rollout.engine=hf (same trainer "
+            "and buckets), or call sync_weights with verify=False")
+
+
 def sync_weights(model, dims: ModelDims, engine, bucket_bytes: int, dtype: torch.dtype | None = None,
                  verify: bool = False) -> dict[str, float]:
     """Push the model's current weights into `engine` (on an owner that holds one; other ranks only send) and report
-    bytes, buckets, seconds and GB/s. verify=True compares the engine's checksums with what was sent."""
+    bytes, buckets, seconds and GB/s. verify=True compares the engine's checksums with what was sent; an engine
+    without checksums is refused before anything is sent (`check_verifiable`).
+
+    An engine whose class sets `reads_buckets_after_return = True` (SGLang: CUDA IPC, unsynchronised copy) gets a
+    fresh buffer per bucket, so no bucket is overwritten while the engine may still read it."""
+    if verify:
+        check_verifiable(engine)
     start = time.perf_counter()
     sent: dict[str, str] = {}
     total = count = 0
+    fresh = bool(getattr(engine, "reads_buckets_after_return", False))
 
     def buckets() -> Iterator[WeightBucket]:
         nonlocal total, count
-        for bucket in stream_buckets(export_full_weights(model, dims, dtype), bucket_bytes):
+        for bucket in stream_buckets(export_full_weights(model, dims, dtype), bucket_bytes, fresh_buffers=fresh):
             total += bucket.nbytes
             count += 1
             if verify:
