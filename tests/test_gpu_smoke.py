@@ -31,7 +31,7 @@ def test_cpu_kit_passes_every_check_or_skips_with_a_reason(tmp_path):
     report_path = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_smoke.py"), "--cpu", "--run-dir",
                            str(tmp_path / "run"), "--report", str(report_path)], capture_output=True, text=True,
-                          timeout=1200)
+                          timeout=2400)
     assert report_path.is_file(), proc.stdout + proc.stderr
     report = json.loads(report_path.read_text())
     checks = {c["name"]: c for c in report["checks"]}
