@@ -1,0 +1,116 @@
+"""Smoke checks of the optional GPU libraries, each SKIPPED (with the reason) where the library is not importable or
+there is no CUDA device: Transformer Engine (the TE layer spec's logits against transformers), SGLang and vLLM
+(the project's engine wrapper: generation and a verified weight sync). GPU-only: not run (no GPU was available);
+on this project's CPU machines every one of them is skipped."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from mssr_megatron.smoke import SkipCheck, SmokeOptions
+
+TE_LAYERS = 4  # enough to compare the spec, short enough for the time budget
+
+
+def _require(module: str, opts: SmokeOptions):
+    """Import `module` or raise SkipCheck saying why it cannot be used here."""
+    if importlib.util.find_spec(module) is None:
+        raise SkipCheck(f"{module} is not installed")
+    import torch
+
+    if opts.cpu or not torch.cuda.is_available():
+        raise SkipCheck(f"{module} needs a CUDA GPU" + (" (--cpu run)" if opts.cpu else ""))
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # an installed library that cannot load here (driver, ABI, torch version)
+        raise SkipCheck(f"{module} is installed but does not import: {type(exc).__name__}: {exc}") from None
+
+
+def check_transformer_engine(opts: SmokeOptions) -> dict:
+    """Megatron with model.transformer_impl=transformer_engine (bf16) against transformers in float32, the same
+    measured tolerance as the local-spec parity check, on the bench shape cut to TE_LAYERS layers."""
+    import torch
+
+    te = _require("transformer_engine", opts)
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+    from mssr_megatron.smoke.model_checks import _hf_logits, _rel_error, image_batch, megatron_logits, \
+        random_hf_model, smoke_hf_config
+
+    cfg = smoke_hf_config(opts, num_layers=TE_LAYERS)
+    hf = random_hf_model(cfg, torch.bfloat16, opts.device)
+    inputs = image_batch(cfg, opts.device)
+    valid = inputs["attention_mask"].bool()
+    hf_bf16 = _hf_logits(hf, inputs)
+    init_megatron(1, 1, seed=0, device="cuda")
+    try:
+        ours = megatron_logits(hf, inputs, "bfloat16", opts.device, transformer_impl="transformer_engine")
+    finally:
+        destroy_megatron()
+    reference = _hf_logits(hf.float(), inputs)
+    err_ours, err_hf = _rel_error(ours, reference, valid), _rel_error(hf_bf16, reference, valid)
+    limit = 3 * err_hf + 5e-3
+    figure = (f"TE {getattr(te, '__version__', '?')}: rel L2 vs fp32 {err_ours:.2e} (transformers bf16 {err_hf:.2e}, "
+              f"limit {limit:.2e}); {TE_LAYERS} layers")
+    if not err_ours <= limit:
+        raise AssertionError(f"Transformer Engine spec logits differ from transformers: {figure}")
+    return dict(figure=figure, rel_l2=err_ours, rel_l2_transformers_bf16=err_hf, limit=limit)
+
+
+def _check_engine(opts: SmokeOptions, name: str) -> dict:
+    """The project's `name` engine on the tiny model: seeded generation, then a weight sync from a Megatron model
+    with verify=True, then generation again."""
+    import torch
+
+    lib = _require(name, opts)
+    from mssr_megatron.checkpoint.dist_io import HFTensors
+    from mssr_megatron.checkpoint.hf_bridge import load_hf_weights
+    from mssr_megatron.checkpoint.mapping import ModelDims
+    from mssr_megatron.config import ModelConfig, RolloutConfig
+    from mssr_megatron.models.provider import build_model
+    from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+    from mssr_megatron.rollout.factory import build_engine
+    from mssr_megatron.rollout.protocol import SamplingParams
+    from mssr_megatron.rollout.weight_export import sync_weights
+    from mssr_megatron.run_context import load_hf_config
+    from mssr_megatron.smoke.run_checks import _requests, tiny_assets
+
+    paths = tiny_assets(opts)
+    engine = build_engine(RolloutConfig(engine=name, mem_fraction=0.3), paths["model"])
+    try:
+        from mssr_megatron.models.processor import load_processor
+
+        requests = _requests(paths, load_processor(paths["model"]), 4)
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=1)
+        first = engine.generate(requests, sampling)
+        if any(r.finish_reason == "error" for r in first):
+            raise AssertionError(f"{name} generation failed: {[r.error for r in first]}")
+        init_megatron(1, 1, seed=0, device="cuda")
+        try:
+            hf_config = load_hf_config(paths["model"])
+            model = build_model(hf_config, ModelConfig(params_dtype="float32"), opts.device)
+            dims = ModelDims.from_hf_config(hf_config, padded_vocab_size(hf_config.text_config.vocab_size, 1))
+            load_hf_weights(model, HFTensors(paths["model"]), dims)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.5)
+            sync = sync_weights(model, dims, engine, bucket_bytes=1 << 20, verify=True)
+        finally:
+            destroy_megatron()
+        after = engine.generate(requests, sampling)
+        if any(r.finish_reason == "error" for r in after):
+            raise AssertionError(f"{name} generation after the weight sync failed: {[r.error for r in after]}")
+    finally:
+        engine.shutdown()
+    tokens = sum(len(r.response_ids) for r in first)
+    return dict(figure=f"{name} {getattr(lib, '__version__', '?')}: {len(first)} rollouts ({tokens} tokens); sync "
+                       f"{sync['sync/bytes'] / 1e6:.1f} MB verified ({sync['sync/gb_per_s']:.2f} GB/s)", sync=sync)
+
+
+def check_sglang(opts: SmokeOptions) -> dict:
+    return _check_engine(opts, "sglang")
+
+
+def check_vllm(opts: SmokeOptions) -> dict:
+    return _check_engine(opts, "vllm")
