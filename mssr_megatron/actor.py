@@ -30,23 +30,27 @@ _LR_STYLES = {"constant": "constant", "cosine": "cosine", "linear": "linear"}
 
 
 def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, temperature: float = 1.0,
-                     masked_token_ids=None):
+                     masked_token_ids=None, chunk_size: int | None = None):
     """Log-prob and full-vocabulary entropy of each next token: logits [B, S, V/TP] -> two [B, S-1] tensors.
-    masked_token_ids: tokens the rollout engine never samples, left out of the softmax as the engine does."""
+    masked_token_ids: tokens the rollout engine never samples, left out of the softmax as the engine does.
+    chunk_size: tokens per chunk of the fused op (model.logprob_chunk_tokens); None = all tokens at once."""
     from megatron.core import parallel_state as ps
 
     group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
-    targets = input_ids[:, 1:]
+    # Targets for all S positions (the last one's is a dummy, dropped below), so the op reads the logits as they
+    # are: slicing logits[:, :-1] would make them non-contiguous for B > 1 and cost the op a logits-sized copy.
+    targets = input_ids.roll(-1, dims=1)
     if masked_token_ids is not None and len(masked_token_ids):
         # Prompts hold blocked tokens (<|image_pad|>, padding) whose log-prob is -inf under the engine's
         # distribution; those positions carry no loss, so any allowed id keeps them finite (0 * -inf would be NaN).
         masked = torch.as_tensor(masked_token_ids, dtype=targets.dtype, device=targets.device)
         allowed = next(i for i in range(len(masked_token_ids) + 1) if i not in set(masked_token_ids))
         targets = torch.where(torch.isin(targets, masked), torch.full_like(targets, allowed), targets)
-    return vocab_parallel_logprobs_entropy(
-        logits[:, :-1], targets, tp_group=group, temperature=temperature, vocab_size=vocab_size,
-        masked_token_ids=masked_token_ids,
+    logprobs, entropy = vocab_parallel_logprobs_entropy(
+        logits, targets, tp_group=group, temperature=temperature, vocab_size=vocab_size,
+        masked_token_ids=masked_token_ids, chunk_size=chunk_size,
     )
+    return logprobs[:, :-1], entropy[:, :-1]
 
 
 class MegatronActor:
@@ -56,6 +60,7 @@ class MegatronActor:
 
         self.hf_config = hf_config
         self.vocab_size = hf_config.text_config.vocab_size
+        self.logprob_chunk_tokens = model_cfg.logprob_chunk_tokens  # the fused op's chunk (bounds its fp32 scratch)
         module = build_model(hf_config, model_cfg, device)  # on `device` before DDP and the optimizer see it
         self.device = module_device(module)
         self.dims = ModelDims.from_hf_config(
@@ -118,7 +123,7 @@ class MegatronActor:
 
         def reduce(output, batch):  # the forward-only "loss": a dummy scalar, the per-token results as its report
             logprobs, entropy = shifted_logprobs(output, batch["input_ids"], self.vocab_size, temperature,
-                                                 masked_token_ids)
+                                                 masked_token_ids, self.logprob_chunk_tokens)
             return output.new_zeros(()), {"logprobs": logprobs, "entropy": entropy}
 
         reports = run_microbatches(self.model, batches, forward_only=True, loss_fn=reduce, device=self.device)
@@ -140,7 +145,7 @@ class MegatronActor:
 
         def stage_loss(output, batch):
             logprobs, entropy = shifted_logprobs(output, batch["input_ids"], self.vocab_size, temperature,
-                                                 masked_token_ids)
+                                                 masked_token_ids, self.logprob_chunk_tokens)
             loss, metrics = loss_fn(logprobs, entropy, batch)
             reported = {"loss": loss, **metrics}
             return loss * scale, {k: torch.tensor(float(torch.as_tensor(v).detach())) for k, v in reported.items()}

@@ -11,6 +11,8 @@
     mssr bench --study [--seeds ...] [--docs F.md]        efficiency study: estimators at equal rollouts, seeds
     mssr launch [--nodes N --gpus-per-node G --time T --partition P --dry-run] CONFIG [key=value ...]
                                                           SLURM batch script (examples/slurm) written and submitted
+    mssr plan CONFIG [--gpu-memory-gb 80] [--world-size 8] [--json F] [key=value ...]
+                                                          per-rank memory plan; settings that fit when it does not
 """
 
 from __future__ import annotations
@@ -98,6 +100,12 @@ def _launch(args: argparse.Namespace) -> int:
     return run_launch(args)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from mssr_megatron.plan import run_plan
+
+    return run_plan(args)
+
+
 def _setup_logging() -> None:
     import logging
     import warnings
@@ -168,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
                                            "options go before CONFIG")
     add_launch_arguments(launch)
     launch.set_defaults(func=_launch)
+
+    from mssr_megatron.plan import add_plan_arguments
+
+    plan = sub.add_parser("plan", help="per-rank GPU memory plan of a config (weights, optimizer, activations, "
+                                       "engine) and settings that fit")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_plan)
 
     from mssr_megatron.checkpoint.convert_cli import add_convert_arguments
 

@@ -68,6 +68,8 @@ class ModelConfig:
     """Dropout probability on attention weights (0 for RL: logprobs must be reproducible)."""
     hidden_dropout: float = 0.0
     """Dropout probability on hidden states (0 for RL)."""
+    logprob_chunk_tokens: int | None = 2048
+    """Tokens per chunk of the fused log-prob/entropy op (its fp32 scratch is chunk x vocab/TP); null = all at once."""
 
 
 @dataclass

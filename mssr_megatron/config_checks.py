@@ -78,7 +78,8 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
               "algorithm.baseline.kl_window", "algorithm.baseline.spo_d_half", "algorithm.baseline.n0",
               "optimizer.lr", "optimizer.adam_eps", "optimizer.mini_batch_size", "optimizer.ppo_epochs",
               "optimizer.lr_decay_steps", "data.prompts_per_step", "data.max_prompt_tokens", "data.reward_timeout_s",
-              "data.val_size", "trainer.total_steps", "logging.log_every", "model.fp8_amax_history_len")
+              "data.val_size", "trainer.total_steps", "logging.log_every", "model.fp8_amax_history_len",
+              "model.logprob_chunk_tokens")
     _non_negative(cfg, "model.attention_dropout", "model.hidden_dropout", "model.fp8_margin", "rollout.val_temperature",
                   "algorithm.shaping_alpha", "algorithm.grpo_eps", "algorithm.kl_loss_coef", "algorithm.kl_reward_coef",
                   "algorithm.entropy_coef", "algorithm.crossmodal_coef", "algorithm.baseline.init_rollouts",

@@ -3,11 +3,18 @@
 Rows are rollouts (B). Sequences are prompt + response, right-padded to a common length L. Per-token tensors are
 aligned with the shifted log-probs the actor returns: column t holds token t + 1, predicted from position t, so
 they are [B, L-1]; `response_mask` marks the response tokens there.
+
+Micro-batches are cut narrower than L where they can be: each to its own longest row, rounded up to
+`sequence_multiple(cfg)` (see there). The model is causal and the padding is on the right, so the columns a
+micro-batch keeps get the same log-probs as at width L; `rl_step` re-pads per-micro-batch results to L-1 columns and
+slices the per-token tensors a loss reads to the micro-batch's width.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import math
 
 import torch
 
@@ -18,7 +25,8 @@ from mssr_megatron.models.rope_index import mrope_position_ids
 class Experience:
     """prompt_keys: the stable prompt id of each rollout (B); group_index [B]: rollouts of one prompt share it;
     rewards [B]; input_ids [B, L]; position_ids [3, B, L]; response_mask, rollout_logprobs [B, L-1];
-    pixel_values: per row [patches_i, C*T*P*P] (or None without images); image_grid_thw: per row [images_i, 3]."""
+    pixel_values: per row [patches_i, C*T*P*P] (or None without images); image_grid_thw: per row [images_i, 3];
+    lengths [B]: real tokens (prompt + response) per row, or None when every row fills L."""
 
     prompt_keys: list
     group_index: torch.Tensor
@@ -29,19 +37,30 @@ class Experience:
     rollout_logprobs: torch.Tensor
     pixel_values: list = field(default_factory=list)
     image_grid_thw: list = field(default_factory=list)
+    lengths: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def microbatches(self, rows: torch.Tensor | list[int], micro_batch_size: int) -> list[dict]:
-        """Micro-batches of the given rows (same [micro_batch_size, L] shape each, as pipeline stages need).
-        Each carries `rows` (indices into this Experience) so a loss can pick its per-token tensors."""
+    def microbatches(self, rows: torch.Tensor | list[int], micro_batch_size: int, width_multiple: int | None = None,
+                     same_width: bool = False) -> list[dict]:
+        """Micro-batches of the given rows; each carries `rows` (indices into this Experience) so a loss can pick
+        its per-token tensors.
+
+        width_multiple: cut each micro-batch to its longest row rounded up to this multiple (at most L); None keeps
+        all of them at the full width L. same_width: give every micro-batch of the call the widest of those widths
+        (a pipeline pass exchanges one fixed shape between stages)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         if len(rows) % micro_batch_size:
             raise ValueError(f"{len(rows)} rows do not split into micro-batches of {micro_batch_size}")
+        parts = rows.split(micro_batch_size)
+        widths = [self._width(part, width_multiple) for part in parts]
+        if same_width and widths:
+            widths = [max(widths)] * len(widths)
         batches = []
-        for part in rows.split(micro_batch_size):
-            batch = {"input_ids": self.input_ids[part], "position_ids": self.position_ids[:, part], "rows": part}
+        for part, width in zip(parts, widths):
+            batch = {"input_ids": self.input_ids[part, :width], "position_ids": self.position_ids[:, part, :width],
+                     "rows": part}
             pixels = [self.pixel_values[i] for i in part.tolist() if self.pixel_values and self.pixel_values[i] is not None]
             if pixels:
                 batch["pixel_values"] = torch.cat(pixels)
@@ -50,13 +69,32 @@ class Experience:
             batches.append(batch)
         return batches
 
+    def _width(self, part: torch.Tensor, multiple: int | None) -> int:
+        """Columns a micro-batch of these rows needs: its longest row rounded up to `multiple`, at most L."""
+        full = self.input_ids.shape[1]
+        if multiple is None or self.lengths is None:
+            return full
+        longest = max(int(self.lengths[part].max()), 1)
+        return min(full, -(-longest // multiple) * multiple)
+
+
+def sequence_multiple(model_cfg, parallel_cfg) -> int:
+    """What every sequence length (micro-batch width) is rounded up to: a multiple of 8 (few distinct shapes);
+    with FP8, of 16 tokens (32 for mxfp8: megatron.core.fp8_utils.get_fp8_align_size, Transformer Engine's FP8 GEMM
+    alignment); with sequence parallelism, times the TP size, since the sequence is split over the TP ranks and each
+    rank's share must itself be aligned (and divisible: megatron's scatter along the sequence asserts it)."""
+    fp8 = 1 if model_cfg.fp8 is None else (32 if model_cfg.fp8_recipe == "mxfp8" else 16)
+    split = parallel_cfg.tensor_model_parallel_size if parallel_cfg.sequence_parallel else 1
+    return math.lcm(8, fp8 * split)
+
 
 def build_experience(rollouts, rewards, prompt_keys, group_index, images, *, image_token_id: int,
                      spatial_merge_size: int, pad_id: int, pad_to_multiple: int = 8) -> Experience:
     """Tensors for a list of Rollouts.
 
     rewards [B]; prompt_keys (B stable prompt ids); group_index [B]; images: per rollout (pixel_values, grid) from the
-    image processor, or None. Sequences are right-padded to a multiple of `pad_to_multiple` (fewer distinct shapes).
+    image processor, or None. Sequences are right-padded to a multiple of `pad_to_multiple` (the trainer passes
+    `sequence_multiple`, so that every micro-batch width, a multiple of it up to L, stays within L).
     """
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
     longest = max(lengths) if lengths else 1
@@ -87,4 +125,5 @@ def build_experience(rollouts, rewards, prompt_keys, group_index, images, *, ima
         rollout_logprobs=rollout_logprobs,
         pixel_values=[img[0] if img is not None else None for img in images],
         image_grid_thw=grids,
+        lengths=torch.tensor(lengths, dtype=torch.long),
     )

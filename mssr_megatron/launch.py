@@ -4,9 +4,10 @@
         --partition gpu --account proj [key=value ...] [--dry-run]
 
 The config (with its overrides) is loaded and validated for the job's world size first, so batch-size or layout
-mistakes are reported here and not an hour later in a queue. The script has the `#SBATCH` lines (nodes, GPUs, CPUs
-per task (at least one core per rank, reward worker and engine process: `node_processes`), time, partition, log
-file, requeue, an early SIGUSR1 before the time limit), the few variables of
+mistakes are reported here and not an hour later in a queue; a GPU job's memory plan (`mssr plan`) must fit
+--gpu-memory-gb, or the launch is refused with settings that would fit. The script has the `#SBATCH` lines (nodes,
+GPUs, CPUs per task (at least one core per rank, reward worker and engine process: `node_processes`), time,
+partition, log file, requeue, an early SIGUSR1 before the time limit), the few variables of
 examples/slurm/common.sh, and one call of its `mssr_main`: the same code as the hand-written scripts in
 examples/slurm, so preemption, requeue and resume behave identically. It is written to
 <output_dir>/slurm/job.sbatch (or printed with --dry-run) and submitted; the job id is printed.
@@ -61,6 +62,10 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                        "node (default: the one this package was imported from, else the working directory)")
     where.add_argument("--python", default=sys.executable,
                        help="Python interpreter of the job, visible on every node (default: this one)")
+    memory = parser.add_argument_group("memory plan")
+    memory.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB that the layout "
+                        "must fit (`mssr plan`; default 80)")
+    memory.add_argument("--skip-memory-plan", action="store_true", help="submit even if the plan does not fit")
     parser.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
 
 
@@ -180,6 +185,10 @@ def run_launch(args: argparse.Namespace) -> int:
     if not os.path.isfile(config):
         raise FileNotFoundError(f"config {args.config!r} not found")
     run_dir, _, cfg = run_dirs(config, args.overrides, world_size=args.nodes * procs)
+    if args.gpus_per_node and not args.skip_memory_plan:
+        from mssr_megatron.plan import check_launch
+
+        check_launch(cfg, args.nodes * procs, args.gpu_memory_gb)
     cpus = cpus_per_task(args, cfg, procs)
     repo = find_repo(args.repo)
     job_name = args.job_name or cfg.logging.run_name or os.path.basename(run_dir.rstrip(os.sep)) or "mssr"

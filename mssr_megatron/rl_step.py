@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mssr_megatron.algorithms.losses import kl_penalty, masked_mean
-from mssr_megatron.experience import Experience, build_experience
+from mssr_megatron.experience import Experience, build_experience, sequence_multiple
 from mssr_megatron.rollout.logprob_agreement import logprob_mismatch
 from mssr_megatron.rollout.protocol import SamplingParams
 from mssr_megatron.run_context import RunContext, broadcast_object
@@ -73,6 +73,7 @@ def make_experience(ctx: RunContext, records, rollouts, rewards) -> Experience:
         image_token_id=ctx.hf_config.image_token_id,
         spatial_merge_size=ctx.hf_config.vision_config.spatial_merge_size,
         pad_id=ctx.processor.tokenizer.pad_token_id,
+        pad_to_multiple=sequence_multiple(ctx.cfg.model, ctx.cfg.parallel),
     )
 
 
@@ -94,14 +95,26 @@ def data_parallel_rows(ctx: RunContext, num_rows: int) -> torch.Tensor:
     return torch.arange(rank * per, (rank + 1) * per)
 
 
+def microbatches(ctx: RunContext, exp: Experience, rows: torch.Tensor) -> list[dict]:
+    """The micro-batches of one pass over `rows`, each cut to its own width (see experience.py); with pipeline
+    parallelism all of one pass share the widest, as the stages exchange one shape."""
+    p = ctx.cfg.parallel
+    return exp.microbatches(rows, p.micro_batch_size, width_multiple=sequence_multiple(ctx.cfg.model, p),
+                            same_width=p.pipeline_model_parallel_size > 1)
+
+
 def token_logprobs(ctx: RunContext, actor, exp: Experience, rows: torch.Tensor, temperature: float):
     """(logprobs, entropy), each [len(rows), L-1], on the CPU (with the Experience), on the last pipeline stage;
-    (None, None) elsewhere."""
-    batches = exp.microbatches(rows, ctx.cfg.parallel.micro_batch_size)
-    outputs = actor.token_logprobs(batches, temperature, masked_token_ids=ctx.blocked_ids)
+    (None, None) elsewhere. Columns past a micro-batch's width (right padding) hold 0."""
+    outputs = actor.token_logprobs(microbatches(ctx, exp, rows), temperature, masked_token_ids=ctx.blocked_ids)
     if not outputs:
         return None, None
-    return torch.cat([o[0] for o in outputs]).cpu(), torch.cat([o[1] for o in outputs]).cpu()
+    columns = exp.input_ids.shape[1] - 1
+
+    def full_width(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t.cpu(), (0, columns - t.shape[-1]))
+
+    return torch.cat([full_width(o[0]) for o in outputs]), torch.cat([full_width(o[1]) for o in outputs])
 
 
 def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logprobs, ref_logprobs):
@@ -130,11 +143,13 @@ def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logpro
 
             def loss_fn(logprobs, entropy, batch, part=part):
                 local = torch.tensor([position[int(r)] for r in batch["rows"]], device=device)
-                ref = None if ref_logprobs is None else ref_logprobs[local]
-                return ctx.algo.loss(logprobs, old_logprobs[local], advantages[local], token_mask[local],
-                                     ref_logprobs=ref, entropy=entropy, normalizer=normalizer)
+                width = logprobs.shape[-1]  # the micro-batch's own width: its per-token tensors are cut to it
+                ref = None if ref_logprobs is None else ref_logprobs[local, :width]
+                return ctx.algo.loss(logprobs, old_logprobs[local, :width], advantages[local, :width],
+                                     token_mask[local, :width], ref_logprobs=ref, entropy=entropy,
+                                     normalizer=normalizer)
 
-            batches = exp.microbatches(rows[part], cfg.parallel.micro_batch_size)
+            batches = microbatches(ctx, exp, rows[part])
             metrics.append(ctx.actor.train_step(batches, loss_fn, temperature, masked_token_ids=ctx.blocked_ids))
     keys = set().union(*metrics) if metrics else set()
     return {k: sum(m.get(k, 0.0) for m in metrics) / len(metrics) for k in keys}

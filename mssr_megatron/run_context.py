@@ -102,6 +102,7 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.models.provider import check_layout
     from mssr_megatron.models.processor import load_processor
     from mssr_megatron.parallel import compute_device, init_megatron
+    from mssr_megatron.plan import check_training_start
     from mssr_megatron.rewards import RewardGrader
     from mssr_megatron.rollout.nccl_env import set_engine_nccl_env
     from mssr_megatron.rollout.sampling import blocked_token_ids
@@ -117,6 +118,7 @@ def build_context(cfg: RunConfig) -> RunContext:
                   backend=p.backend, device=cfg.trainer.device)
     device = compute_device(cfg.trainer.device)
     cfg.validate(world_size=dist.get_world_size())
+    check_training_start(cfg, hf_config, dist.get_world_size(), device)  # CUDA: refuse a plan over the GPU's memory
     torch.manual_seed(cfg.trainer.seed)
     run_dir = cfg.trainer.output_dir
     rank0 = dist.get_rank() == 0

@@ -16,6 +16,7 @@ import torch
 
 from megatron_harness import per_row_microbatches, spawn, tiny_case
 from mssr_megatron import parallel
+from mssr_megatron.config import ModelConfig, ParallelConfig
 from mssr_megatron.models.provider import MODEL_INPUTS, module_device, move_batch, run_microbatches
 from mssr_megatron.parallel import collective_device, compute_device
 
@@ -182,7 +183,7 @@ def test_update_policy_gives_the_loss_its_tensors_on_the_actors_device(monkeypat
 
     cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(temperature=1.0),
                                 optimizer=types.SimpleNamespace(mini_batch_size=2, ppo_epochs=1),
-                                parallel=types.SimpleNamespace(micro_batch_size=2),
+                                parallel=ParallelConfig(micro_batch_size=2), model=ModelConfig(),
                                 algorithm=types.SimpleNamespace(loss_agg_mode="token-mean"))
     ctx = types.SimpleNamespace(cfg=cfg, actor=Actor(), algo=Algo(), blocked_ids=[])
     per_token = torch.randn(rows, width - 1)

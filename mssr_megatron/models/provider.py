@@ -4,8 +4,9 @@
     outputs = run_microbatches(model, batches, forward_only=True)   # last stage: one output per micro-batch
 
 A micro-batch is a dict with input_ids [B, S], position_ids [3, B, S] and, for prompts with images, pixel_values
-and image_grid_thw (the MODEL_INPUTS), plus any bookkeeping entries a loss needs (e.g. `rows`). Every micro-batch of
-one call must have the same [B, S] (pipeline stages exchange fixed shapes). Micro-batches may live anywhere (the
+and image_grid_thw (the MODEL_INPUTS), plus any bookkeeping entries a loss needs (e.g. `rows`). With pipeline
+parallelism every micro-batch of one call must have the same [B, S] (the stages exchange fixed shapes); without it,
+each may have its own. Micro-batches may live anywhere (the
 trainer builds them on the CPU): run_microbatches moves each one's model inputs to the model's device as the
 schedule takes it (`move_batch`), so one micro-batch at a time is copied to the GPU.
 """
@@ -102,8 +103,10 @@ def run_microbatches(
 
     if not batches:
         return []
+    from megatron.core import parallel_state as ps
+
     shape = batches[0]["input_ids"].shape
-    if any(b["input_ids"].shape != shape for b in batches):
+    if any(b["input_ids"].shape != shape for b in batches) and ps.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError("all micro-batches of one pipeline pass need the same [batch, sequence] shape; pad them")
     iterator = iter(batches)
     device = module_device(model) if device is None else torch.device(device)

@@ -1,0 +1,224 @@
+"""The per-rank memory plan of a run: what each GPU holds while it generates and while it trains.
+
+    plan = plan_memory(cfg, shape, world_size=8, gpu_bytes=80 * GIB)
+    plan.fits, plan.peak, plan.overflow()            # overflow(): None, or the phase and line past the GPU's size
+
+Per rank of the largest pipeline stage (the driver rank, which also hosts the rollout engine), in bytes:
+  weights        parameters x params_dtype (language model sharded over TP/PP; the vision tower replicated)
+  gradients      Megatron DDP's gradient buffer, fp32 (grad_reduce_in_fp32) for every trained parameter
+  optimizer      fp32 main parameters (bf16/fp16 training only) + Adam's two fp32 moments; / DP with the
+                 distributed optimizer
+  reference      the frozen reference policy's weights, when the KL loss or the kl_window rule needs it
+  activations    what one 1F1B pass keeps for backward: per layer and micro-batch (see `layer_activation_bytes`)
+                 x layers x micro-batches in flight (PP of them on the first stage), + one layer's worth for the
+                 gradients of the layer in backward, + the trained vision tower
+  log-prob op    the logits of one micro-batch and the fused log-prob op's buffers (chunked or not)
+  optimizer step torch's AdamW scratch on the CPU (no fused Adam there): one fp32 copy of the trained params
+  rollout engine SGLang/vLLM: mem_fraction of the GPU (weights + KV cache); released while training when
+                 colocated. HF engine: a copy of the weights in params_dtype plus its KV cache, always resident.
+Training peak = persistent + max(activations + log-prob op, optimizer step): the step runs after backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from mssr_megatron.experience import sequence_multiple
+from mssr_megatron.plan.shapes import ModelShape
+
+GIB = 1024 ** 3
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Line:
+    """One row of the plan: bytes held in the rollout phase and in the training phase."""
+
+    key: str
+    label: str
+    rollout: int
+    training: int
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    layout: str
+    gpu_bytes: int | None
+    lines: list[Line]
+    inputs: dict = field(default_factory=dict)
+
+    def total(self, phase: str) -> int:
+        return sum(getattr(line, phase) for line in self.lines)
+
+    @property
+    def peak(self) -> int:
+        return max(self.total("rollout"), self.total("training"))
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_bytes is None or self.peak <= self.gpu_bytes
+
+    def overflow(self) -> tuple[str, Line] | None:
+        """(phase, the line at which the running total of that phase passes the GPU's size), or None if it fits."""
+        for phase in ("training", "rollout"):
+            running = 0
+            for line in self.lines:
+                running += getattr(line, phase)
+                if self.gpu_bytes is not None and running > self.gpu_bytes:
+                    return phase, line
+        return None
+
+    def line(self, key: str) -> Line:
+        return next(line for line in self.lines if line.key == key)
+
+    def to_dict(self) -> dict:
+        return {"layout": self.layout, "gpu_bytes": self.gpu_bytes, "fits": self.fits, "peak_bytes": self.peak,
+                "rollout_bytes": self.total("rollout"), "training_bytes": self.total("training"),
+                "lines": [asdict(line) for line in self.lines], "inputs": self.inputs}
+
+
+def layer_activation_bytes(shape: ModelShape, tokens: int, seq: int, micro_batch: int, tp: int, sp: bool,
+                           dtype_bytes: int, attention: str, recompute: str | None) -> int:
+    """Bytes one language-model layer keeps for backward for one micro-batch of `tokens` = seq x micro_batch.
+
+    Saved tensors (elements per token; H hidden, I intermediate, a/k query/key-value heads of dimension d):
+      4 H      the inputs of the two RMSNorms and of the QKV and FC1 linears (/ TP with sequence parallelism:
+               Megatron saves the sequence-sharded input and gathers it again in backward)
+      (a + 2k) d / TP   Q after RoPE and K, V as the core attention receives them
+      a d / TP the attention output, input of the output projection
+      4 I / TP FC1's output (2I, kept whole for SiLU), SiLU's output (I) and the product (I), FC2's input
+    attention="local" (torch): K and V repeated to a heads (+ 2 (a - k) d / TP) and the softmax output,
+    a / TP x seq x seq per sequence; "flash" (Transformer Engine) keeps only a per-row log-sum-exp.
+    recompute "selective": the core attention is recomputed (its inputs stay; scores and repeats go).
+    recompute "full": only the layer's input, H (/ TP with SP), is kept; `plan_memory` adds one layer's worth.
+    """
+    h, d, a, k, i = shape.hidden, shape.head_dim, shape.heads, shape.kv_heads, shape.intermediate
+    split = tp if sp else 1
+    if recompute == "full":
+        return tokens * h // split * dtype_bytes
+    per_token = 4 * h / split + ((a + 2 * k) * d + a * d + 4 * i) / tp
+    scores = 0
+    if attention == "local" and recompute != "selective":
+        per_token += 2 * (a - k) * d / tp
+        scores = micro_batch * a // tp * seq * seq
+    return int((tokens * per_token + scores) * dtype_bytes)
+
+
+def vision_activation_bytes(shape: ModelShape, patches: int, dtype_bytes: int) -> int:
+    """Bytes the trained HF vision tower keeps for backward for `patches` patches: per block 10 hidden-sized
+    tensors (norms, QKV, attention in and out, projection, residuals) and 4 intermediate-sized (gated MLP)."""
+    per_patch = shape.v_depth * (10 * shape.v_hidden + 4 * shape.v_intermediate)
+    return patches * per_patch * dtype_bytes
+
+
+def logprob_op_bytes(tokens: int, vocab_local: int, dtype_bytes: int, chunk: int | None) -> int:
+    """Peak bytes of the logits of one micro-batch and the fused log-prob op (ops/vocab_parallel_logprobs.py).
+
+    Unchunked: forward fills one fp32 [tokens, V/TP] buffer and keeps it (p) for backward; backward adds the
+    logits gradient and, for bf16/fp16 logits, an fp32 scratch of the same size. Chunked: the logits stay (the op
+    keeps a reference), backward adds their gradient and one or two fp32 [chunk, V/TP] buffers."""
+    logits = tokens * vocab_local * dtype_bytes
+    scratch = 1 if dtype_bytes == 4 else 2
+    if chunk is None or chunk >= tokens:
+        p = tokens * vocab_local * 4
+        return max(logits + p, p + logits + (scratch - 1) * p)
+    return 2 * logits + scratch * chunk * vocab_local * 4
+
+
+def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None = None, *,
+                image_tokens: int | None = None, fused_adam: bool = True) -> MemoryPlan:
+    """The plan of `cfg` on `world_size` ranks (see the module docstring). image_tokens: image tokens per rollout
+    (default: half of data.max_prompt_tokens); fused_adam: False for torch's AdamW (megatron's CPU fallback)."""
+    m, p, r = cfg.model, cfg.parallel, cfg.rollout
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    dp = max(world_size // (tp * pp), 1)
+    b = _DTYPE_BYTES[m.params_dtype]
+    multiple = sequence_multiple(m, p)
+    seq = -(-(cfg.data.max_prompt_tokens + r.max_new_tokens) // multiple) * multiple
+    tokens = seq * p.micro_batch_size
+    image_tokens = cfg.data.max_prompt_tokens // 2 if image_tokens is None else image_tokens
+
+    vision = shape.vision_params()
+    stage_params = [shape.language_params(tp, pp, s) + (vision if s == 0 else 0) for s in range(pp)]
+    stage = max(range(pp), key=lambda s: stage_params[s])
+    params = stage_params[stage]
+    trained = params - (vision if stage == 0 and not m.train_vision else 0)
+    dist_opt = p.use_distributed_optimizer
+    opt_per_param = (0 if b == 4 else 4) + 8
+    opt_bytes = trained * opt_per_param // (dp if dist_opt else 1)
+    needs_ref = cfg.algorithm.use_kl_loss or cfg.algorithm.kl_in_reward or cfg.algorithm.baseline.rho_rule == "kl_window"
+
+    attention = "flash" if m.transformer_impl == "transformer_engine" else "local"
+    per_layer = layer_activation_bytes(shape, tokens, seq, p.micro_batch_size, tp, p.sequence_parallel, b, attention,
+                                       m.recompute_granularity)
+    layers = shape.layers // pp
+    in_flight = min(pp - stage, max(cfg.optimizer.mini_batch_size // (dp * p.micro_batch_size), 1))
+    # + one layer's worth: the gradients of the layer whose backward is running, next to what it saved
+    activations = per_layer * (layers * in_flight + 1)
+    if m.recompute_granularity == "full":  # one recompute unit is live again during its backward
+        unit = m.recompute_num_layers if m.recompute_method == "uniform" else 1
+        activations += unit * layer_activation_bytes(shape, tokens, seq, p.micro_batch_size, tp, p.sequence_parallel,
+                                                     b, attention, None)
+    vision_act = (vision_activation_bytes(shape, image_tokens * shape.v_merge ** 2 * p.micro_batch_size, b) * in_flight
+                  if stage == 0 and m.train_vision else 0)
+    vocab_local = shape.padded_vocab(tp) // tp
+    last = stage == pp - 1
+    logprob = logprob_op_bytes(tokens, vocab_local, b, m.logprob_chunk_tokens) if last else 0
+    step_scratch = 0 if fused_adam else trained * 4 // (dp if dist_opt else 1)
+    compute = activations + vision_act + logprob
+    backward_peak = compute >= step_scratch  # else the optimizer step, after backward, sets the training peak
+    engine_rollout, engine_training, engine_note = _engine_bytes(cfg, shape, gpu_bytes, b)
+
+    unchunked = logprob_op_bytes(tokens, vocab_local, b, None) if last else 0
+    no_dist = trained * opt_per_param
+    recompute_alts = {g: per_layer_alt * (layers * in_flight + 1) for g, per_layer_alt in (
+        (g, layer_activation_bytes(shape, tokens, seq, p.micro_batch_size, tp, p.sequence_parallel, b, attention, g))
+        for g in (None, "selective", "full"))}
+    lines = [
+        Line("weights", f"weights ({m.params_dtype})", params * b, params * b,
+             f"{params / 1e9:.2f}B params on this rank"),
+        Line("gradients", "gradients (fp32 buffer)", trained * 4, trained * 4, f"{trained / 1e9:.2f}B trained"),
+        Line("optimizer", "optimizer states", opt_bytes, opt_bytes,
+             (f"distributed over DP {dp}; {_gib(no_dist)} without" if dist_opt else
+              f"{_gib(no_dist // dp)} with the distributed optimizer (DP {dp})")),
+        Line("reference", f"reference model ({m.params_dtype})", params * b if needs_ref else 0,
+             params * b if needs_ref else 0, "" if needs_ref else "not needed (no KL term)"),
+        Line("activations", "activations", 0, activations + vision_act if backward_peak else step_scratch,
+             f"mbs {p.micro_batch_size} x {seq} tokens x {in_flight} in flight, recompute "
+             f"{m.recompute_granularity or 'none'}; none/selective/full: "
+             + "/".join(_gib(v) for v in recompute_alts.values())
+             + (f"; vision tower {_gib(vision_act)}" if vision_act else "")
+             + ("" if backward_peak else f"; the optimizer step's scratch ({_gib(step_scratch)}, after backward) "
+                f"is larger than activations + log-prob op ({_gib(compute)})")),
+        Line("logprob", "logits + log-prob op", 0, logprob if backward_peak else 0,
+             f"chunk {m.logprob_chunk_tokens}; unchunked {_gib(unchunked)}" if m.logprob_chunk_tokens
+             else f"unchunked; {_gib(logprob_op_bytes(tokens, vocab_local, b, 2048))} with chunk 2048"),
+        Line("engine", f"rollout engine ({r.engine})", engine_rollout, engine_training, engine_note),
+    ]
+    layout = f"TP{tp} PP{pp} DP{dp} on {world_size} rank(s), stage {stage}"
+    inputs = {"world_size": world_size, "tp": tp, "pp": pp, "dp": dp, "micro_batch_size": p.micro_batch_size,
+              "sequence_tokens": seq, "image_tokens_per_rollout": image_tokens, "stage": stage,
+              "params_on_rank": params, "trained_params_on_rank": trained, "fused_adam": fused_adam}
+    return MemoryPlan(layout=layout, gpu_bytes=gpu_bytes, lines=lines, inputs=inputs)
+
+
+def _engine_bytes(cfg, shape: ModelShape, gpu_bytes: int | None, b: int) -> tuple[int, int, str]:
+    """(bytes in the rollout phase, in the training phase, note) of the rollout engine on the driver rank."""
+    r = cfg.rollout
+    weights = shape.total_params() * b // r.engine_tp_size
+    if r.engine == "hf":
+        seq = cfg.data.max_prompt_tokens + r.max_new_tokens
+        kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * b * seq * r.hf_batch_size
+        return weights + kv, weights + kv, f"weights {_gib(weights)} + KV cache {_gib(kv)} (resident)"
+    if gpu_bytes is None:
+        return 0, 0, f"mem_fraction {r.mem_fraction} of the GPU (no GPU size given)"
+    held = int(r.mem_fraction * gpu_bytes)
+    note = (f"mem_fraction {r.mem_fraction}: weights {_gib(weights)} (engine TP {r.engine_tp_size}) + KV cache "
+            f"{_gib(max(held - weights, 0))}")
+    return held, 0 if r.colocate else held, note + ("; released while training" if r.colocate else "")
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= 0.1 * GIB else f"{n / 2 ** 20:.1f} MiB"
+
