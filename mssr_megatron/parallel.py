@@ -137,8 +137,9 @@ def wait_for_driver(work: Callable[[], T], what: str, *, src: int = 0, share: bo
     sleeps back off to 0.1 s), so no NCCL/gloo timeout runs while the driver works, however long. Then, with
     `share`, every rank returns the driver's result (one broadcast, entered when the result is ready); without it,
     the driver returns the result and the others None (for results that stay on the driver, such as an engine). An
-    exception in `work` is raised on the driver and, naming it, on every other rank. Every rank must make the same
-    calls in the same order (the key is a per-call counter). One process: `work()`.
+    exception in `work` is raised on the driver and, naming it, on every other rank; a driver process that dies is
+    the launcher's to handle (torchrun ends the other workers, as `srun --kill-on-bad-exit` in examples/slurm does).
+    Every rank must make the same calls in the same order (the key is a per-call counter). One process: `work()`.
     """
     global _driver_calls
     if not dist.is_initialized() or dist.get_world_size() == 1:
