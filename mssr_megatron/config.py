@@ -86,6 +86,8 @@ class ParallelConfig:
     """Rollouts per micro-batch (one forward/backward) on each data-parallel rank."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: 'auto' = nccl with CUDA, gloo otherwise."""
+    timeout_minutes: float = 60.0
+    """Collective timeout (NCCL watchdog, gloo); 60 covers a 7B checkpoint save/load or HF export on slow storage."""
 
 
 @dataclass

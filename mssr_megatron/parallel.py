@@ -3,8 +3,15 @@ tests) makes.
 
     init_megatron(tp=2, pp=1, seed=0, device="auto")   # torch.distributed (nccl on GPU, gloo on CPU) + parallel_state
     device = compute_device("auto")                     # where models and micro-batches live: cuda:<local rank> or cpu
+    rollouts = wait_for_driver(lambda: engine.generate(...), "rollout")   # rank 0 works, every rank gets the result
     ...
     destroy_megatron()
+
+Waiting for the driver: while rank 0 generates or grades (minutes to hours on a 7B run), the other ranks must not sit
+in a collective, where NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, as the SLURM scripts set) would kill the
+job after the process-group timeout. `wait_for_driver` makes them poll the rendezvous TCPStore for a per-call key
+instead, and only then join the (short) broadcast of the result. `parallel.timeout_minutes` bounds the collectives
+that remain.
 
 `compute_device` is the one place that turns `trainer.device` (auto / cpu / cuda) into a torch.device; the trainer's
 models, the reference model and the HF rollout engine are all placed with it. `collective_device` is where tensors
@@ -19,11 +26,15 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 DEVICES = ("auto", "cpu", "cuda")
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -69,13 +80,16 @@ def collective_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_megatron(tp: int = 1, pp: int = 1, seed: int = 0, backend: str = "auto", device: str = "auto") -> None:
+def init_megatron(tp: int = 1, pp: int = 1, seed: int = 0, backend: str = "auto", device: str = "auto",
+                  timeout_minutes: float = 60.0) -> None:
     """Initialise torch.distributed and megatron-core's parallel state for a TP x PP x DP layout.
 
     device (trainer.device) picks the backend for backend="auto" (nccl on CUDA, gloo on the CPU) and, on CUDA, the
     rank's GPU (LOCAL_RANK). On the CPU the megatron_patches.cpu patches are applied, also on a GPU node with
-    trainer.device=cpu (then megatron's CUDA device literals must map to the CPU too). The CUDA branches (set_device,
-    nccl, and cpu on a GPU node) are GPU-only: not run (no GPU was available)."""
+    trainer.device=cpu (then megatron's CUDA device literals must map to the CPU too). timeout_minutes
+    (parallel.timeout_minutes) is the timeout of the default process group, of its store, and of every group
+    megatron-core creates. The CUDA branches (set_device, nccl, and cpu on a GPU node) are GPU-only: not run (no GPU
+    was available)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -93,17 +107,67 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 0, backend: str = "auto"
         world = int(os.environ.get("WORLD_SIZE", 1))
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tensor x pipeline parallel size {tp} x {pp}")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             distributed_timeout_minutes=timeout_minutes)
     model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_megatron() -> None:
+    global _driver_calls
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _driver_calls = 0  # the next process group's store starts without keys
+
+
+_driver_calls = 0  # wait_for_driver calls in this process group: the same sequence on every rank
+_MAX_POLL_S = 0.1
+
+
+def wait_for_driver(work: Callable[[], T], what: str, *, src: int = 0, share: bool = True) -> T | None:
+    """Run `work()` on global rank `src` while the other ranks wait, outside any collective.
+
+    The waiting ranks poll the default process group's TCPStore for this call's key (`Store.check` does not block;
+    sleeps back off to 0.1 s), so no NCCL/gloo timeout runs while the driver works, however long. Then, with
+    `share`, every rank returns the driver's result (one broadcast, entered when the result is ready); without it,
+    the driver returns the result and the others None (for results that stay on the driver, such as an engine). An
+    exception in `work` is raised on the driver and, naming it, on every other rank; a driver process that dies is
+    the launcher's to handle (torchrun ends the other workers, as `srun --kill-on-bad-exit` in examples/slurm does).
+    Every rank must make the same calls in the same order (the key is a per-call counter). One process: `work()`.
+    """
+    global _driver_calls
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return work()
+    store = dist.distributed_c10d._get_default_store()  # the rendezvous store (no public accessor in torch 2.13)
+    key = f"mssr/wait_for_driver/{_driver_calls}"
+    _driver_calls += 1
+    result = None
+    if dist.get_rank() == src:
+        try:
+            result = work()
+        except BaseException as exc:
+            store.set(key, f"failed: {type(exc).__name__}: {exc}")
+            raise
+        store.set(key, "done")
+    else:
+        delay = 0.001
+        while not store.check([key]):
+            time.sleep(delay)
+            delay = min(2 * delay, _MAX_POLL_S)
+        status = store.get(key).decode()
+        if store.add(f"{key}/seen", 1) == dist.get_world_size() - 1:  # the last reader removes the call's keys
+            store.delete_key(key)
+            store.delete_key(f"{key}/seen")
+        if status != "done":
+            raise RuntimeError(f"rank {src} {status} (during {what}); this rank stops too")
+    if not share:
+        return result
+    box = [result]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

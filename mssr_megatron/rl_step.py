@@ -18,7 +18,8 @@ from mssr_megatron.algorithms.losses import kl_penalty, masked_mean
 from mssr_megatron.experience import Experience, build_experience, sequence_multiple
 from mssr_megatron.rollout.logprob_agreement import logprob_mismatch
 from mssr_megatron.rollout.protocol import SamplingParams
-from mssr_megatron.run_context import RunContext, broadcast_object
+from mssr_megatron.parallel import wait_for_driver
+from mssr_megatron.run_context import RunContext
 
 
 def sampling_params(ctx: RunContext, *, validation: bool = False, seed: int | None = None) -> SamplingParams:
@@ -33,29 +34,32 @@ def sampling_params(ctx: RunContext, *, validation: bool = False, seed: int | No
 
 
 def generate(ctx: RunContext, records, sampling: SamplingParams):
-    """Rollouts for the records (n per record, flat, record order) on the driver, broadcast to every rank."""
+    """Rollouts for the records (n per record, flat, record order) on the driver, on every rank (the others wait
+    outside any collective: `parallel.wait_for_driver`)."""
     from mssr_megatron.data.prompts import build_request
 
-    rollouts = None
-    if ctx.is_driver:
+    def run():
         requests = [build_request(rec, ctx.cfg.data.prompt_template, ctx.processor, request_id=f"{i}")
                     for i, rec in enumerate(records)]
-        rollouts = ctx.engine.generate(requests, sampling)
-    return broadcast_object(rollouts)
+        return ctx.engine.generate(requests, sampling)
+
+    return wait_for_driver(run, "rollout generation")
 
 
 def grade(ctx: RunContext, records, rollouts) -> tuple[list[float], dict[str, float]]:
-    """Rewards per rollout (driver grades in its worker pool; broadcast) and reward metrics."""
-    result = None
-    if ctx.is_driver:
+    """Rewards per rollout (the driver grades in its worker pool; the others wait as in `generate`) and reward
+    metrics, on every rank."""
+
+    def run():
         answers = [records[int(r.request_id)].answer for r in rollouts]
         scores = ctx.grader.score([r.text for r in rollouts], answers, ctx.cfg.data.format_reward_weight)
         metrics = scores.as_metrics()
         metrics["rollout/error_frac"] = sum(r.finish_reason == "error" for r in rollouts) / max(len(rollouts), 1)
         metrics["rollout/truncated_frac"] = sum(r.finish_reason == "length" for r in rollouts) / max(len(rollouts), 1)
         metrics["rollout/response_length"] = sum(len(r.response_ids) for r in rollouts) / max(len(rollouts), 1)
-        result = (scores.scores, metrics)
-    return broadcast_object(result)
+        return scores.scores, metrics
+
+    return wait_for_driver(run, "reward grading")
 
 
 def make_experience(ctx: RunContext, records, rollouts, rewards) -> Experience:

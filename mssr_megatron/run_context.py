@@ -9,6 +9,11 @@ factory and the weight export already work per owner rank).
 
 Device: `parallel.compute_device(trainer.device)` decides it once, after the process groups exist (on GPU:
 cuda:<LOCAL_RANK>); the policy, the reference model and the HF rollout engine are placed there (`RunContext.device`).
+
+Memory on the engine's GPU (`RunContext.colocation`, rollout.colocate): the engine is built FIRST, on an empty GPU
+(SGLang sizes its KV cache and vLLM checks its share from the free memory at start), then released; the policy and
+reference models are built into that room. The context returned holds an engine serving the policy's weights: its
+weights are resumed, filled by a weight sync, then its KV cache is resumed (factory.Colocation).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class RunContext:
     actor: object
     reference: object | None
     engine: object | None
+    colocation: object
+    """factory.Colocation: releases / resumes the engine's memory around the training phase (no-ops without an
+    engine on this rank or with rollout.colocate=false)."""
     grader: object
     algo: object
     train: object
@@ -101,11 +109,13 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.metrics import MetricsLogger
     from mssr_megatron.models.provider import check_layout
     from mssr_megatron.models.processor import load_processor
-    from mssr_megatron.parallel import compute_device, init_megatron
+    from mssr_megatron.parallel import compute_device, init_megatron, wait_for_driver
     from mssr_megatron.plan import check_training_start
     from mssr_megatron.rewards import RewardGrader
+    from mssr_megatron.rollout.factory import Colocation
     from mssr_megatron.rollout.nccl_env import set_engine_nccl_env
     from mssr_megatron.rollout.sampling import blocked_token_ids
+    from mssr_megatron.rollout.weight_export import sync_weights
 
     set_engine_nccl_env(cfg.rollout.engine)  # every rank, before any communicator: as the engine's rank will have it
     hf_config = load_hf_config(cfg.model.hf_path)
@@ -115,11 +125,10 @@ def build_context(cfg: RunConfig) -> RunContext:
     val_set = load_split(cfg.data.val_path, cfg.data, "val", processor) if cfg.data.val_path else None
     p = cfg.parallel
     init_megatron(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.trainer.seed,
-                  backend=p.backend, device=cfg.trainer.device)
+                  backend=p.backend, device=cfg.trainer.device, timeout_minutes=p.timeout_minutes)
     device = compute_device(cfg.trainer.device)
     cfg.validate(world_size=dist.get_world_size())
     check_training_start(cfg, hf_config, dist.get_world_size(), device)  # CUDA: refuse a plan over the GPU's memory
-    torch.manual_seed(cfg.trainer.seed)
     run_dir = cfg.trainer.output_dir
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -128,6 +137,11 @@ def build_context(cfg: RunConfig) -> RunContext:
         log.info(train_set.summary())
         if val_set is not None:
             log.info(val_set.summary())
+    # the engine before the models (see module docstring); the other ranks wait outside any collective meanwhile
+    engine = wait_for_driver(lambda: _build_engine(cfg, device), "rollout engine start-up", share=False)
+    colocation = Colocation.from_config(cfg, engine)
+    colocation.release()
+    torch.manual_seed(cfg.trainer.seed)  # after the engine: the same RNG stream on every rank, with any engine
     total_updates = cfg.trainer.total_steps * cfg.optimizer_steps_per_step
     actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_updates, device=device)
     actor.load_hf_state(HFTensors(cfg.model.hf_path))
@@ -137,23 +151,28 @@ def build_context(cfg: RunConfig) -> RunContext:
     if needs_reference:
         reference = MegatronActor(hf_config, cfg.model, device=device)
         reference.load_hf_state(HFTensors(cfg.model.ref_hf_path or cfg.model.hf_path))
-    engine = None
-    if rank0:
-        from mssr_megatron.rollout.factory import build_engine
-
-        # the HF engine runs beside the policy, in its dtype (weight sync copies tensors of the same dtype)
-        kwargs = ({"max_batch_size": cfg.rollout.hf_batch_size, "device": device, "dtype": cfg.model.params_dtype}
-                  if cfg.rollout.engine == "hf" else {})
-        engine = build_engine(cfg, cfg.model.hf_path, **kwargs)
+    with colocation.weight_update():  # the engine serves the policy's weights from here on
+        sync_weights(actor.module, actor.dims, engine, int(cfg.rollout.weight_bucket_mb * 2**20))
     algo = RLAlgorithm(cfg.algorithm)
     sampler = PromptSampler(len(train_set), cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     grader = RewardGrader(cfg.data.reward, num_workers=cfg.data.reward_workers, timeout_s=cfg.data.reward_timeout_s)
     logger = MetricsLogger(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                            progress_bar=cfg.logging.progress_bar, total_steps=cfg.trainer.total_steps, enabled=rank0)
     return RunContext(cfg=cfg, hf_config=hf_config, processor=processor, actor=actor, reference=reference,
-                      engine=engine, grader=grader, algo=algo, train=train_set, val=val_set, sampler=sampler,
-                      logger=logger, blocked_ids=blocked_token_ids(processor.tokenizer, hf_config.text_config.vocab_size),
+                      engine=engine, colocation=colocation, grader=grader, algo=algo, train=train_set, val=val_set,
+                      sampler=sampler, logger=logger,
+                      blocked_ids=blocked_token_ids(processor.tokenizer, hf_config.text_config.vocab_size),
                       run_dir=run_dir, device=device)
+
+
+def _build_engine(cfg: RunConfig, device: torch.device):
+    """The job's rollout engine (global rank 0). The HF engine runs beside the policy, in its dtype (the weight sync
+    copies tensors of the same dtype)."""
+    from mssr_megatron.rollout.factory import build_engine
+
+    kwargs = ({"max_batch_size": cfg.rollout.hf_batch_size, "device": device, "dtype": cfg.model.params_dtype}
+              if cfg.rollout.engine == "hf" else {})
+    return build_engine(cfg, cfg.model.hf_path, **kwargs)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -2,6 +2,10 @@
 
     sample -> rollout -> reward -> advantage -> Megatron log-probs (old, reference) -> shaping
       -> mini-batched PPO updates -> tracker update -> weight sync -> metrics / validation / checkpoint
+
+The engine's memory on a shared GPU follows the phases (ctx.colocation, the same calls with or without colocation):
+released for log-probs and updates (`training()`), weights resumed for the sync and the KV cache after it
+(`weight_update()`). build_context hands over an engine already serving the policy's weights.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
     start_step = ctx.step  # on disk already when resumed; at step 0 there is nothing to save (and no optimizer state)
     if not resumed:
         initialize_tracker(ctx)
-        sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, _bucket_bytes(cfg))  # engine == trainer weights
         if cfg.trainer.val_before_train and ctx.val is not None:
             ctx.logger.log(0, validate(ctx))
     nonfinite_steps = 0
@@ -87,27 +90,34 @@ def train_step(ctx: RunContext) -> dict[str, float]:
             rewards, metrics = rl_step.grade(ctx, records, rollouts)
         exp = rl_step.make_experience(ctx, records, rollouts, rewards)
         rows = rl_step.data_parallel_rows(ctx, len(exp))
-        with timer("logprobs"):
-            old, entropy = rl_step.token_logprobs(ctx, ctx.actor, exp, rows, cfg.rollout.temperature)
-            ref = None if ctx.reference is None else rl_step.token_logprobs(
-                ctx, ctx.reference, exp, rows, cfg.rollout.temperature)[0]
-        mask = exp.response_mask[rows]
-        token_kl = None if ref is None or old is None else _token_kl(old, ref, mask, len(exp), rows)
-        out = ctx.algo.advantages(exp.prompt_keys, exp.rewards, exp.response_mask, exp.group_index,
-                                  token_kl=token_kl)
-        metrics.update(out.metrics)
-        advantages = out.advantages[rows, : mask.shape[1]]
-        if old is not None:
-            advantages, shaping_metrics = ctx.algo.shape(advantages, mask, entropy=entropy, logprobs=old)
-            metrics.update(shaping_metrics)
-            metrics.update(rl_step.kl_and_mismatch(old, ref, exp.rollout_logprobs[rows], mask))
-        with timer("update"):
-            metrics.update(rl_step.update_policy(ctx, exp, rows, advantages, old, ref))
-        metrics.update(after_update(ctx, exp, rows, old, mask, metrics.get("kl/old_ref_k3")))
-        with timer("weight_sync"):
+        with ctx.colocation.training():
+            metrics.update(_train_on(ctx, exp, rows, timer))
+        with timer("weight_sync"), ctx.colocation.weight_update():
             metrics.update(sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, _bucket_bytes(cfg)))
     metrics.update(timer.pop())
     return rl_step.from_last_stage(metrics)
+
+
+def _train_on(ctx: RunContext, exp, rows, timer: StepTimer) -> dict[str, float]:
+    """Log-probs, advantages, shaping, PPO updates and the tracker update of one step (the training phase)."""
+    temperature = ctx.cfg.rollout.temperature
+    metrics: dict[str, float] = {}
+    with timer("logprobs"):
+        old, entropy = rl_step.token_logprobs(ctx, ctx.actor, exp, rows, temperature)
+        ref = None if ctx.reference is None else rl_step.token_logprobs(ctx, ctx.reference, exp, rows, temperature)[0]
+    mask = exp.response_mask[rows]
+    token_kl = None if ref is None or old is None else _token_kl(old, ref, mask, len(exp), rows)
+    out = ctx.algo.advantages(exp.prompt_keys, exp.rewards, exp.response_mask, exp.group_index, token_kl=token_kl)
+    metrics.update(out.metrics)
+    advantages = out.advantages[rows, : mask.shape[1]]
+    if old is not None:
+        advantages, shaping_metrics = ctx.algo.shape(advantages, mask, entropy=entropy, logprobs=old)
+        metrics.update(shaping_metrics)
+        metrics.update(rl_step.kl_and_mismatch(old, ref, exp.rollout_logprobs[rows], mask))
+    with timer("update"):
+        metrics.update(rl_step.update_policy(ctx, exp, rows, advantages, old, ref))
+    metrics.update(after_update(ctx, exp, rows, old, mask, metrics.get("kl/old_ref_k3")))
+    return metrics
 
 
 def after_update(ctx: RunContext, exp, rows, old, mask, kl) -> dict[str, float]:

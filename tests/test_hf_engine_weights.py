@@ -105,13 +105,38 @@ def test_update_weights_completeness_unknown_names_and_shapes(engine, restore):
 # ------------------------------------------------------------------------------------------------------ memory
 
 
-def test_release_resume_are_noops_on_cpu_and_shutdown_frees(model_dir, requests_):
+def _release_resume_sync(e, requests_, sampling):
+    """Release, resume and sync `e` back to its own weights, checking what it holds and refuses on the way; returns
+    (bytes held before, bytes held while released, bytes of the synced weights)."""
+    saved = {k: v.clone() for k, v in published_state_dict(e.model).items()}
+    held = e.memory_bytes()
+    e.release_memory()
+    released = e.memory_bytes()
+    with pytest.raises(RuntimeError, match=r"released \(\['kv_cache', 'weights'\]\)"):
+        e.generate(requests_, sampling)
+    with pytest.raises(RuntimeError, match=r"resume_memory\(\['weights'\]\) before update_weights"):
+        e.update_weights([pack(list(saved.items())[:1])])
+    e.resume_memory(["weights"])
+    assert e.memory_bytes() == held
+    e.resume_memory(["kv_cache"])
+    with pytest.raises(RuntimeError, match=f"{len(saved)} were not filled since"):  # uninitialised weights
+        e.generate(requests_, sampling)
+    e.update_weights(stream_buckets(saved.items(), BUCKET_BYTES), expect_all=True)
+    return held, released, sum(v.numel() * v.element_size() for v in saved.values())
+
+
+def test_release_frees_the_weights_and_resume_serves_after_a_sync(model_dir, requests_):
     e = HFEngine(model_dir)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=4)
     before = e.generate(requests_[:1], sampling)
-    e.release_memory()
-    assert e.generate(requests_[:1], sampling) == before  # CPU: nothing was freed
-    e.resume_memory()
+    parameters = sum(p.numel() * p.element_size() for p in e.model.parameters())  # tied weights counted once
+    buffers = sum(b.numel() * b.element_size() for b in e.model.buffers())
+    held, released, synced = _release_resume_sync(e, requests_[:1], sampling)
+    assert held == parameters + buffers and synced == parameters
+    assert released == buffers  # only the rotary frequencies (not in the checkpoint, not synced) stay
+    assert e.generate(requests_[:1], sampling) == before
+    with pytest.raises(ValueError, match="unknown memory tags \\['cuda_graph'\\]"):
+        e.resume_memory(["cuda_graph"])
     e.shutdown()
     assert e.model is None
     with pytest.raises(RuntimeError, match="shut down"):
@@ -121,14 +146,11 @@ def test_release_resume_are_noops_on_cpu_and_shutdown_frees(model_dir, requests_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_release_resume_on_cuda(model_dir, requests_):
+    """GPU-only: not run (no GPU was available)."""
     e = HFEngine(model_dir, device="cuda")
     sampling = SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=5)
     before = e.generate(requests_, sampling)
-    held = torch.cuda.memory_allocated()
-    e.release_memory()
-    assert next(e.model.parameters()).device.type == "cpu" and torch.cuda.memory_allocated() < held
-    with pytest.raises(RuntimeError, match="resume_memory"):
-        e.generate(requests_, sampling)
-    e.resume_memory()
+    held, released, synced = _release_resume_sync(e, requests_, sampling)
+    assert released + synced == held and released < synced
     assert [r.response_ids for r in e.generate(requests_, sampling)] == [r.response_ids for r in before]
     e.shutdown()

@@ -33,8 +33,8 @@ class RecordingEngine:
     def release_memory(self):
         self.calls.append("release")
 
-    def resume_memory(self):
-        self.calls.append("resume")
+    def resume_memory(self, tags=None):
+        self.calls.append(f"resume {','.join(tags or ['all'])}")
 
 
 @pytest.fixture
@@ -84,28 +84,46 @@ def test_served_engines_fail_with_install_hint_without_their_library():
             cls("/m", RolloutConfig(engine=engine), policy=TokenPolicy((), ()))
 
 
-def test_colocation_releases_during_training_and_resumes_after():
+def test_colocation_releases_for_training_and_resumes_weights_then_kv_cache_around_the_sync():
     engine = RecordingEngine()
     colocation = Colocation.from_config(RolloutConfig(colocate=True), engine)
+    colocation.release()  # start-up: the engine sized itself, the trainer's models come next
+    colocation.release()  # already released: nothing to do
+    assert engine.calls == ["release"]
+    with colocation.weight_update():
+        assert engine.calls[-1] == "resume weights"  # the sync fills resumed weights...
+    assert engine.calls[-1] == "resume kv_cache"  # ...and the KV cache comes back after it
     with colocation.training():
-        assert engine.calls == ["release"] and colocation.in_training
-    assert engine.calls == ["release", "resume"] and not colocation.in_training
-    with pytest.raises(KeyError):
-        with colocation.training():
-            raise KeyError("boom")
-    assert engine.calls == ["release", "resume", "release", "resume"]  # resumed even when training raised
-    with colocation.training():
+        assert engine.calls[-1] == "release"
         with pytest.raises(RuntimeError, match="re-entrant"):
             with colocation.training():
                 pass
-    assert engine.calls[-2:] == ["release", "resume"]
+    assert engine.calls[-1] == "release"  # still released after training: the sync resumes
+    with pytest.raises(KeyError):
+        with colocation.training():
+            raise KeyError("boom")
+    with pytest.raises(ValueError):
+        with colocation.weight_update():
+            raise ValueError("sync failed")  # weights incomplete: the KV cache is not resumed
+    with colocation.weight_update():  # weights held already: only the KV cache is missing
+        pass
+    assert engine.calls == ["release", "resume weights", "resume kv_cache", "release", "resume weights",
+                            "resume kv_cache"]
+    with colocation.weight_update():  # serving: nothing to resume
+        pass
+    assert len(engine.calls) == 6
 
 
-def test_colocation_disabled_does_nothing():
+@pytest.mark.parametrize("how", ["colocate=false", "no engine on this rank"])
+def test_colocation_disabled_or_without_engine_does_nothing(how):
     engine = RecordingEngine()
     cfg = RunConfig()
-    cfg.rollout.colocate = False
-    with Colocation.from_config(cfg, engine).training():
+    cfg.rollout.colocate = how != "colocate=false"
+    colocation = Colocation.from_config(cfg, engine if how == "colocate=false" else None)
+    colocation.release()
+    with colocation.training():
+        pass
+    with colocation.weight_update():
         pass
     assert engine.calls == []
 

@@ -35,7 +35,7 @@ from mssr_megatron.checkpoint.mapping import published_to_module_names
 from mssr_megatron.models.processor import load_processor
 from mssr_megatron.models.special_tokens import EOS_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 from mssr_megatron.rollout.buckets import WeightBucket, tensor_checksum
-from mssr_megatron.rollout.protocol import GenerationRequest, Rollout, SamplingParams
+from mssr_megatron.rollout.protocol import MEMORY_TAGS, GenerationRequest, Rollout, SamplingParams
 from mssr_megatron.rollout.sampling import (
     SamplingProcessor,
     StopStringCriteria,
@@ -104,7 +104,9 @@ class HFEngine:
             eos_token_id=self.stop_token_ids, pad_token_id=self.pad_token_id
         )
         self._names = published_to_module_names(self.model)
-        self._released = False
+        self._released: set[str] = set()  # MEMORY_TAGS released and not resumed
+        self._shapes: list[tuple[torch.Tensor, torch.Size]] = []  # the released weights, to re-allocate
+        self._unfilled: set[str] = set()  # weights re-allocated and not yet filled by update_weights
 
     # ------------------------------------------------------------------------------------------------ generation
 
@@ -234,7 +236,7 @@ class HFEngine:
         embedding (one tensor). ``expect_all``: raise, after copying, when some weight of a full checkpoint was not
         in any bucket (a truncated export).
         """
-        self._check_alive()
+        self._check_weights_held("update_weights")
         targets = dict(self.model.named_parameters(remove_duplicate=False))
         targets.update(self.model.named_buffers(remove_duplicate=False))
         updated: list[str] = []
@@ -255,6 +257,7 @@ class HFEngine:
                 for name, target, tensor in pairs:
                     target.copy_(tensor)  # the bucket is only valid until the next one: copy now
                     updated.append(name)
+                    self._unfilled.discard(name)
         if expect_all:
             missing = sorted(set(self._names) - set(updated))
             if missing:
@@ -264,29 +267,61 @@ class HFEngine:
     def weight_checksums(self) -> dict[str, str]:
         """sha256 per published name of what the engine holds; compare with `WeightBucket.checksums` of what was
         sent."""
-        self._check_alive()
+        self._check_weights_held("weight_checksums")
         state = self.model.state_dict()
         return {published: tensor_checksum(state[name]) for published, name in self._names.items()}
 
     # ------------------------------------------------------------------------------------------------ memory
 
-    def release_memory(self) -> None:
-        """CUDA: move the weights to host memory and empty the cache (there is no KV cache between calls); GPU-only:
-        not run here (no CUDA; its test is skipped). CPU: nothing to free; a no-op that keeps the model."""
+    def memory_bytes(self) -> int:
+        """Bytes the model holds now on its device: parameters and buffers, shared storage counted once (there is no
+        KV cache between generate calls)."""
         self._check_alive()
-        if self.device.type == "cuda" and not self._released:
-            self.model.to("cpu")
-            self._blocked = self._blocked.cpu()
-            torch.cuda.empty_cache()
-            self._released = True
+        storages = {}
+        for tensor in (*self.model.parameters(), *self.model.buffers()):
+            storage = tensor.untyped_storage()
+            if storage.nbytes():
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
-    def resume_memory(self) -> None:
-        """Undo `release_memory` (a no-op on CPU)."""
+    def release_memory(self) -> None:
+        """Free every weight the weight sync fills (their storage is dropped; shapes are kept for `resume_memory`)
+        and, on CUDA, the allocator's cache (the last generate call's KV cache). Buffers the sync does not carry (rotary
+        frequencies) stay. A no-op when already released. The CUDA cache call is GPU-only: not run (no GPU was
+        available)."""
         self._check_alive()
-        if self._released:
-            self.model.to(self.device)
-            self._blocked = self._blocked.to(self.device)
-            self._released = False
+        if "weights" not in self._released:
+            with torch.no_grad():
+                for tensor in self._weight_tensors():
+                    self._shapes.append((tensor, tensor.shape))
+                    tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        self._released = set(MEMORY_TAGS)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Re-allocate what `release_memory` freed, per tag of `protocol.MEMORY_TAGS` (None: all). The weights come
+        back uninitialised: generate refuses until `update_weights` has filled every one of them. "kv_cache" only
+        lifts the release (generate allocates its cache per call)."""
+        self._check_alive()
+        tags = list(MEMORY_TAGS) if tags is None else list(tags)
+        unknown = sorted(set(tags) - set(MEMORY_TAGS))
+        if unknown:
+            raise ValueError(f"resume_memory: unknown memory tags {unknown}; the tags are {list(MEMORY_TAGS)}")
+        if "weights" in tags and "weights" in self._released:
+            with torch.no_grad():
+                for tensor, shape in self._shapes:
+                    tensor.data = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+            self._shapes = []
+            self._unfilled = set(self._names)
+        self._released -= set(tags)
+
+    def _weight_tensors(self) -> list[torch.Tensor]:
+        """The model's tensors that `update_weights` fills, each once (a tied lm_head is the embedding)."""
+        targets = dict(self.model.named_parameters(remove_duplicate=False))
+        targets.update(self.model.named_buffers(remove_duplicate=False))
+        unique = {id(targets[name]): targets[name] for name in self._names.values()}
+        return list(unique.values())
 
     def shutdown(self) -> None:
         """Free the model; the engine cannot be used afterwards."""
@@ -302,4 +337,14 @@ class HFEngine:
     def _check_ready(self) -> None:
         self._check_alive()
         if self._released:
-            raise RuntimeError("HFEngine memory is released: call resume_memory() before generate()")
+            raise RuntimeError(f"HFEngine memory is released ({sorted(self._released)}): call resume_memory() "
+                               "and sync the weights before generate()")
+        if self._unfilled:
+            raise RuntimeError(f"HFEngine weights were re-allocated by resume_memory and {len(self._unfilled)} were "
+                               f"not filled since (e.g. {sorted(self._unfilled)[0]!r}): sync the weights "
+                               "(update_weights) before generate()")
+
+    def _check_weights_held(self, what: str) -> None:
+        self._check_alive()
+        if "weights" in self._released:
+            raise RuntimeError(f"HFEngine weights are released: call resume_memory(['weights']) before {what}")

@@ -3,8 +3,11 @@
 An engine is anything with
     generate(requests, sampling) -> list[Rollout]        n samples per request, flat, in request order
     update_weights(buckets)                              buckets of full HF-named tensors (WeightBucket)
-    release_memory() / resume_memory()                   free weights + KV cache while training shares the GPU
+    release_memory()                                     free weights + KV cache while training shares the GPU
+    resume_memory(tags=None)                             re-allocate MEMORY_TAGS ("weights", then "kv_cache"; None: all)
     shutdown()
+Released weights are not kept: after resume_memory(["weights"]) the engine serves only once update_weights has filled
+them (factory.Colocation orders the calls: release, resume weights, sync, resume KV cache).
 A bad request (missing image, empty prompt, max_new_tokens 0) yields Rollouts with finish_reason "error" and the
 error text for that request only; the other requests are generated normally.
 """
@@ -15,6 +18,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Literal, Protocol, Union
 
 from mssr_megatron.rollout.buckets import WeightBucket
+
+#: What `resume_memory` brings back, in the order a colocated step needs it: the weights (filled by the next weight
+#: sync), then the KV cache (once the sync's buffers are gone).
+MEMORY_TAGS = ("weights", "kv_cache")
 
 ImageInput = Union[str, bytes, "PIL.Image.Image"]  # noqa: F821 - a path, encoded bytes, or a decoded image
 
@@ -73,6 +80,6 @@ class RolloutEngine(Protocol):
 
     def release_memory(self) -> None: ...
 
-    def resume_memory(self) -> None: ...
+    def resume_memory(self, tags: list[str] | None = None) -> None: ...
 
     def shutdown(self) -> None: ...

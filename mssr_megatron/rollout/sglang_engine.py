@@ -106,6 +106,17 @@ def to_sglang_sampling_params(sampling: SamplingParams, *, n: int | None = None,
     return params
 
 
+def sglang_memory_tags(tags: list[str] | None) -> list[str] | None:
+    """SGLang's memory tags for the protocol's `MEMORY_TAGS` (None: all of them)."""
+    if tags is None:
+        return None
+    mapping = {"weights": ["weights"], "kv_cache": ["kv_cache", "cuda_graph"]}
+    unknown = sorted(set(tags) - set(mapping))
+    if unknown:
+        raise ValueError(f"unknown memory tags {unknown}; the tags are {sorted(mapping)}")
+    return [sglang_tag for tag in tags for sglang_tag in mapping[tag]]
+
+
 def sglang_image(image):
     """An image as SGLang's load_image takes it: PIL images and bytes as they are, a file path as its bytes (SGLang
     would read a path without an image extension as base64)."""
@@ -311,12 +322,16 @@ class SGLangEngine:
 
     # memory and lifetime ---------------------------------------------------------------------------------------
 
-    def release_memory(self, tags: list[str] | None = None) -> None:
-        """Free weights, KV cache and CUDA graphs (or the given `MEMORY_TAGS`) while training uses the GPUs."""
-        self._engine.release_memory_occupation(tags=tags)
+    def release_memory(self) -> None:
+        """Free weights, KV cache and CUDA graphs (all of SGLang's `MEMORY_TAGS`) while training uses the GPUs. The
+        weights are not backed up (no enable_weights_cpu_backup): the next weight sync fills them."""
+        self._engine.release_memory_occupation(tags=None)
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
-        self._engine.resume_memory_occupation(tags=tags)
+        """Re-map `protocol.MEMORY_TAGS` (None: all): "weights" as SGLang's "weights"; "kv_cache" as its "kv_cache"
+        and "cuda_graph" (the graphs' pools come back last, with the cache they address). SGLang raises for a tag
+        that is not released: factory.Colocation resumes each tag once."""
+        self._engine.resume_memory_occupation(tags=sglang_memory_tags(tags))
 
     def shutdown(self) -> None:
         self._engine.shutdown()

@@ -183,9 +183,12 @@ class VLLMEngine:
         self._llm.llm_engine.reset_encoder_cache()
 
     def release_memory(self) -> None:
+        """Sleep: the KV cache is dropped, the weights go to host memory (level 1) or are dropped (level 2)."""
         self._llm.sleep(level=self.sleep_level)
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Wake up `protocol.MEMORY_TAGS` (vLLM's own tag names; None: all): "weights" before the weight sync,
+        "kv_cache" after it."""
         self._llm.wake_up(tags=tags)
 
     def shutdown(self) -> None:
