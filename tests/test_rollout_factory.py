@@ -80,7 +80,8 @@ def test_served_engines_fail_with_install_hint_without_their_library():
     if torch.cuda.is_available() or importlib.util.find_spec("vllm") is not None:
         pytest.skip("a serving library may be complete here: building an engine would start it")
     for cls, engine in ((SGLangEngine, "sglang"), (VLLMEngine, "vllm")):
-        with pytest.raises(ImportError, match=f"rollout.engine={engine} needs .* pip install -r requirements-gpu.txt"):
+        hint = rf"rollout.engine={engine} needs .* pip install 'mssr-megatron\[{engine}\]'"
+        with pytest.raises(ImportError, match=hint):
             cls("/m", RolloutConfig(engine=engine), policy=TokenPolicy((), ()))
 
 
