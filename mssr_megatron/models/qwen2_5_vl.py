@@ -61,7 +61,8 @@ def layer_spec(model_cfg):
         if not _te_available():
             raise RuntimeError(
                 "model.transformer_impl=transformer_engine (and FP8) needs Transformer Engine with a CUDA GPU; "
-                "install requirements-gpu.txt on a GPU node, or set model.transformer_impl=local model.fp8=null"
+                "install the te extra on a GPU node (pip install 'mssr-megatron[te]', README: cluster section), or set"
+                " model.transformer_impl=local model.fp8=null"
             )
         _check_fp8_device(model_cfg)  # GPU-only: not run (no GPU was available)
     elif model_cfg.fp8 is not None:
