@@ -86,17 +86,6 @@ def test_transformer_engine_layer_spec_call_binds(monkeypatch):
     assert len(calls) == 2 and all(not c.get("qk_layernorm") and not c.get("num_experts") for c in calls)
 
 
-def test_local_layer_spec_is_built_with_rms_norm():
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    from mssr_megatron.config import ModelConfig
-    from mssr_megatron.models.qwen2_5_vl import layer_spec
-
-    spec = layer_spec(ModelConfig(transformer_impl="local"))
-    norm = spec.submodules.input_layernorm
-    assert norm is WrappedTorchNorm or getattr(norm, "module", None) is WrappedTorchNorm  # torch norms (no apex)
-
-
 # ---------------------------------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("impl,fp8", IMPLS, ids=[f"{i}-fp8_{f}" for i, f in IMPLS])
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -299,3 +288,15 @@ def test_every_megatron_call_in_the_source_binds():
     seen = {name.replace(":", ".") for name in found}
     missing = [e for e in expected if not any(s == e or s.endswith("." + e) for s in seen)]
     assert not missing, f"the scan no longer finds {missing}; found {sorted(seen)}"
+
+
+def test_the_scan_reports_a_misspelt_argument_and_a_missing_function():
+    source = ("from megatron.core import dist_checkpointing\n"
+              "def build():\n"
+              "    from megatron.core.transformer import TransformerConfig as TC\n"
+              "    TC(num_layers=2, normalisation='RMSNorm')\n"
+              "    dist_checkpointing.save_everything({}, 'dir')\n")
+    visitor = _MegatronCalls()
+    visitor.visit(ast.parse(source))
+    problems = [_bind_problem(obj, call) for _, _, obj, call in visitor.found]
+    assert len(problems) == 2 and "normalisation" in problems[0] and "save_everything" in problems[1]

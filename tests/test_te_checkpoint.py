@@ -178,3 +178,23 @@ def test_run_checkpoint_metadata_records_the_layer_implementation(tmp_path, monk
     assert (meta["transformer_impl"], meta["state_key"], meta["source_tp"]) == ("transformer_engine", "model", 2)
     assert meta["fp8"] == {"format": "e4m3", "recipe": "tensorwise", "margin": 0, "amax_history_len": 16,
                            "amax_compute_algo": "max"}
+
+
+@pytest.mark.parametrize("te_name,local_name,hf_name", [
+    ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight", "input_layernorm.weight"),
+    ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
+])
+def test_table_maps_the_te_fused_norm_names(te_name, local_name, hf_name):
+    from mssr_megatron.checkpoint.mapping import resolve
+
+    te, local = (resolve(f"language_model.decoder.layers.7.{n}") for n in (te_name, local_name))
+    assert te == local and te[1] == [f"model.layers.7.{hf_name}"]
+
+
+def test_extra_state_entries_are_recognised():
+    from mssr_megatron.checkpoint.mapping import is_extra_state
+
+    assert is_extra_state("model.language_model.decoder.final_layernorm._extra_state")
+    assert is_extra_state("language_model.decoder.layers.0.mlp.experts.linear_fc1._extra_state3")
+    assert not is_extra_state("language_model.decoder.layers.0.mlp.linear_fc1.weight")
+    assert not is_extra_state("vision_model.blocks.0.my_extra_state")

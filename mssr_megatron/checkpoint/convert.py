@@ -12,11 +12,9 @@ source TP/PP, dtype, vocabulary sizes, tied flag, the layer implementation and F
 HF tensor names and shapes) and `hf_config/` (the HF config, generation config, tokenizer and processor files), so
 that it converts back without the original directory.
 
-Transformer Engine checkpoints: TE modules save per-module FP8 scaling metadata as `*._extra_state` entries
-(megatron wraps each in a ShardedObject); the final norm is TE's RMSNorm whenever TE is installed, whatever the layer
-spec, so even local-spec checkpoints written on a TE machine hold one. They carry no weights: loading skips the ones
-the CPU model does not ask for (and tolerates absent ones). TE's fused norm names are the checkpoint's names for both
-specs (see checkpoint/mapping.py).
+Transformer Engine checkpoints hold each TE module's FP8 metadata as a `*._extra_state` ShardedObject (the final norm
+is TE's RMSNorm wherever TE is installed, so local-spec checkpoints written there hold one too). No weights are in
+them: loading skips those the CPU model does not ask for. TE's fused-norm names are the checkpoint names of both specs.
 Outputs are written to a temporary sibling and renamed into place at the end: a failure leaves nothing behind.
 """
 
@@ -26,7 +24,6 @@ import contextlib
 import json
 import math
 import os
-import re
 
 from mssr_megatron.checkpoint.dist_io import (
     ConversionError,
@@ -46,7 +43,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 MAX_SHARD_BYTES = 5 * 1024**3  # exported safetensors files hold at most this much (like save_pretrained's default)
 LAYER_IMPLS = ("local", "transformer_engine")
-_EXTRA_STATE = re.compile(r"(^|\.)_extra_state\d*$")  # TE grouped linears number theirs: _extra_state1, ...
 
 __all__ = ["ConversionError", "hf_to_megatron", "megatron_to_hf", "load_megatron_checkpoint"]
 
@@ -261,12 +257,6 @@ def _uncovered_parameter(model, sharded_state_dict) -> str | None:
     return None
 
 
-def is_extra_state(key: str) -> bool:
-    """A module's `_extra_state` checkpoint entry (Transformer Engine's FP8 metadata; None for megatron's own linear
-    layers): no weights in it."""
-    return bool(_EXTRA_STATE.search(key))
-
-
 def load_megatron_checkpoint(model, ckpt_dir: str, state_key: str | None = None) -> None:
     """Load a dist_checkpointing checkpoint into this rank's stage (any TP/PP: dist_checkpointing reshards). Keys
     missing from the checkpoint fail with ConversionError, and so do unexpected ones, except the optimizer state that
@@ -276,6 +266,8 @@ def load_megatron_checkpoint(model, ckpt_dir: str, state_key: str | None = None)
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    from mssr_megatron.checkpoint.mapping import is_extra_state
+
     try:
         request = model.sharded_state_dict() if state_key is None else {state_key: model.sharded_state_dict()}
         # megatron's naming: "unexpected" = requested by the model but absent from the checkpoint, "missing" = in the
@@ -284,8 +276,7 @@ def load_megatron_checkpoint(model, ckpt_dir: str, state_key: str | None = None)
     except (CheckpointingException, KeyError, RuntimeError) as exc:
         raise ConversionError(f"cannot load {ckpt_dir}: {(str(exc).splitlines() or [''])[0]}") from None
     extra = sorted(k for k in not_requested if not k.startswith("optimizer.") and not is_extra_state(k))
-    absent = sorted(k for k in absent if not is_extra_state(k))  # the local layers' own extra state is empty anyway
-    for keys, what in ((absent, "lacks"), (extra, "holds an unexpected")):
+    for keys, what in ((sorted(absent), "lacks"), (extra, "holds an unexpected")):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
             raise ConversionError(f"cannot load {ckpt_dir}: the checkpoint {what} tensor {keys[0]}{more}; "

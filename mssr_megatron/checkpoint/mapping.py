@@ -198,6 +198,15 @@ def _pattern(name: str, layer_only: bool) -> re.Pattern:
 _COMPILED = [(m, _pattern(name, "layers.*" in name)) for m in QWEN2_5_VL_MAPPINGS for name in m.megatron_names]
 
 
+_EXTRA_STATE = re.compile(r"(^|\.)_extra_state\d*$")  # TE's grouped linears number theirs: _extra_state1, ...
+
+
+def is_extra_state(checkpoint_key: str) -> bool:
+    """A module's extra-state entry in a Megatron checkpoint (Transformer Engine's FP8 scaling metadata; None for
+    megatron's own linear layers): never a weight, so it has no mapping."""
+    return bool(_EXTRA_STATE.search(checkpoint_key))
+
+
 def resolve(megatron_name: str) -> tuple[Mapping, list[str]]:
     """The mapping of a (global) Megatron parameter name, local-spec or Transformer Engine, and the concrete HF names
     it reads."""
