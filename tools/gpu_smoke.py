@@ -9,7 +9,7 @@
 The node needs Python 3.12 with a CUDA build of torch and transformers 5; megatron-core, math-verify, tensorboard,
 ... come from the wheel folder (mssr_megatron/smoke/wheels.py; never torch). Checks (mssr_megatron/smoke), each in
 its own process with its own time budget (the GPU budgets add up to 8 minutes):
-  parity              Megatron vs transformers logits in bf16, Qwen2.5-VL-3B shape (examples/model_configs), random
+  parity              Megatron vs transformers logits in fp32 and bf16, Qwen2.5-VL-3B shape (examples/model_configs)
   config_3b           the shipped 3B config.json builds the published parameter count
   logprob_op          the fused log-prob + entropy op vs log_softmax/gather/entropy, values and gradients
   rl_steps            3 RL steps of the tiny default (examples/configs/tiny_cpu.yaml) with trainer.device=cuda
