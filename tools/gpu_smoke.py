@@ -9,7 +9,7 @@
 The node needs Python 3.12 with a CUDA build of torch and transformers 5; megatron-core, math-verify, tensorboard,
 ... come from the wheel folder (mssr_megatron/smoke/wheels.py; never torch). Checks (mssr_megatron/smoke), each in
 its own process with its own time budget (the GPU budgets add up to 8 minutes):
-  parity              Megatron vs transformers logits in bf16, Qwen2.5-VL-3B shape (examples/model_configs), random
+  parity              Megatron vs transformers logits in fp32 and bf16, Qwen2.5-VL-3B shape (examples/model_configs)
   config_3b           the shipped 3B config.json builds the published parameter count
   logprob_op          the fused log-prob + entropy op vs log_softmax/gather/entropy, values and gradients
   rl_steps            3 RL steps of the tiny default (examples/configs/tiny_cpu.yaml) with trainer.device=cuda
@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wheels", metavar="DIR", help="install missing dependencies from this wheel folder first")
     p.add_argument("--make-wheels", metavar="DIR", help="download the wheel folder (needs internet) and exit")
     p.add_argument("--python-version", default="3.12", help="--make-wheels: the node's Python (default 3.12)")
+    p.add_argument("--platform", action="append", default=None,
+                   help="--make-wheels: the node's wheel platform tags, repeatable (default x86-64 manylinux; e.g. "
+                        "manylinux_2_28_aarch64 for a GH200 node)")
     p.add_argument("--run-dir", default=None, help="assets, runs and logs (default runs/gpu_smoke/<time>)")
     p.add_argument("--report", default=None, help="JSON report (default <run dir>/gpu_smoke.json)")
     p.add_argument("--only", default=None, help="comma-separated check names (default: all)")
@@ -113,7 +116,8 @@ def run_check(check, args, run_dir: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.make_wheels:
-        files = wheels.make_wheels(args.make_wheels, REPO, args.python_version)
+        platforms = (*args.platform, "any") if args.platform else wheels.PLATFORMS
+        files = wheels.make_wheels(args.make_wheels, REPO, args.python_version, platforms)
         size = wheels.folder_bytes(args.make_wheels) / 2**20
         print(f"{len(files)} files, {size:.1f} MiB in {args.make_wheels}: copy it to the GPU node and run "
               f"python tools/gpu_smoke.py --wheels {args.make_wheels}")

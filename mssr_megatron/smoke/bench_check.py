@@ -53,6 +53,9 @@ def bench_model_dir(opts: SmokeOptions, out_dir: str) -> str:
         model.model.language_model.norm.weight.fill_(LOGIT_STD / (text.initializer_range * math.sqrt(text.hidden_size)))
     save_published(model, out_dir)
     save_processor(build_tiny_processor(tokenizer), out_dir)
+    del model
+    if opts.device.type == "cuda":  # hand the 3B copy back before the benchmark builds its own models
+        torch.cuda.empty_cache()
     return out_dir
 
 

@@ -28,33 +28,14 @@ def _require(module: str, opts: SmokeOptions):
 
 
 def check_transformer_engine(opts: SmokeOptions) -> dict:
-    """Megatron with model.transformer_impl=transformer_engine (bf16) against transformers in float32, the same
-    measured tolerance as the local-spec parity check, on the bench shape cut to TE_LAYERS layers."""
-    import torch
-
+    """model_checks.logit_parity with model.transformer_impl=transformer_engine (fp32 and bf16 against transformers
+    in fp32), on the smoke shape cut to TE_LAYERS layers."""
     te = _require("transformer_engine", opts)
-    from mssr_megatron.parallel import destroy_megatron, init_megatron
-    from mssr_megatron.smoke.model_checks import _hf_logits, _rel_error, image_batch, megatron_logits, \
-        random_hf_model, smoke_hf_config
+    from mssr_megatron.smoke.model_checks import logit_parity, smoke_hf_config
 
-    cfg = smoke_hf_config(opts, num_layers=TE_LAYERS)
-    hf = random_hf_model(cfg, torch.bfloat16, opts.device)
-    inputs = image_batch(cfg, opts.device)
-    valid = inputs["attention_mask"].bool()
-    hf_bf16 = _hf_logits(hf, inputs)
-    init_megatron(1, 1, seed=0, device="cuda")
-    try:
-        ours = megatron_logits(hf, inputs, "bfloat16", opts.device, transformer_impl="transformer_engine")
-    finally:
-        destroy_megatron()
-    reference = _hf_logits(hf.float(), inputs)
-    err_ours, err_hf = _rel_error(ours, reference, valid), _rel_error(hf_bf16, reference, valid)
-    limit = 3 * err_hf + 5e-3
-    figure = (f"TE {getattr(te, '__version__', '?')}: rel L2 vs fp32 {err_ours:.2e} (transformers bf16 {err_hf:.2e}, "
-              f"limit {limit:.2e}); {TE_LAYERS} layers")
-    if not err_ours <= limit:
-        raise AssertionError(f"Transformer Engine spec logits differ from transformers: {figure}")
-    return dict(figure=figure, rel_l2=err_ours, rel_l2_transformers_bf16=err_hf, limit=limit)
+    out = logit_parity(opts, smoke_hf_config(opts, num_layers=TE_LAYERS), transformer_impl="transformer_engine")
+    out["figure"] = f"TE {getattr(te, '__version__', '?')}: {out['figure']}"
+    return out
 
 
 def _check_engine(opts: SmokeOptions, name: str) -> dict:

@@ -8,14 +8,13 @@ of the bench shape (smoke_hf_config) with the tiny tokenizer, plus prompts padde
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 
 import torch
 
-from mssr_megatron.smoke import SkipCheck, SmokeOptions
+from mssr_megatron.smoke import SmokeOptions
 
 TINY_CONFIG = os.path.join("examples", "configs", "tiny_cpu.yaml")
 BENCH_GPU = dict(prompt=1024, response=1024, prompts=4, micro_batch=1)
@@ -67,13 +66,13 @@ def check_rl_steps(opts: SmokeOptions) -> dict:
     if not mismatch <= 1e-3:  # float32 engine and trainer: their log-probs of the sampled tokens agree
         raise AssertionError(f"rollout-engine and trainer log-probs differ by {mismatch:.2e} (limit 1e-3)")
     seconds = [m["time/step"] for m in steps]
-    return dict(figure=f"3 steps, {statistics_text(seconds)} s/step; loss {steps[-1]['actor/loss']:+.4f}; "
+    return dict(figure=f"3 steps, {_joined(seconds)} s/step; loss {steps[-1]['actor/loss']:+.4f}; "
                        f"engine-trainer log-prob diff {mismatch:.1e}; val acc {summary.get('initial_val_accuracy')}"
                        f" -> {summary.get('final_val_accuracy')}",
                 step_seconds=seconds, max_logprob_mismatch=mismatch, summary=summary)
 
 
-def statistics_text(values: list[float]) -> str:
+def _joined(values: list[float]) -> str:
     return "/".join(f"{v:.2f}" for v in values)
 
 

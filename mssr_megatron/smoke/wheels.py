@@ -5,9 +5,12 @@
     install_missing(DIR)  on the node: `pip install --no-index --find-links DIR` of the WHEELS that are not installed
                           (never torch, never a package the node already has), and the project (--no-deps)
 
-Versions are those the project is tested with (megatron-core 0.16.1 has only platform wheels: cp310-cp313
-manylinux_2_28). About 20 MB in all; the folder must stay under MAX_FOLDER_BYTES. tools/make_wheelhouse.sh (item 9)
-builds the full cluster wheelhouse (SGLang, vLLM, Transformer Engine); this folder is the small one the smoke needs.
+Versions are those the project is tested with. Not all are pure Python: megatron-core 0.16.1 ships only
+cpXY manylinux_2_28 wheels (x86-64 and aarch64) besides its sdist, and grpcio, protobuf, markupsafe, pyyaml, psutil
+and pillow are platform wheels too, so the folder is made for one platform (default PLATFORMS, x86-64; tools/
+gpu_smoke.py --platform manylinux_2_28_aarch64 for a GH200 node). About 24 MiB; it must stay under
+MAX_FOLDER_BYTES. tools/make_wheelhouse.sh (item 9) builds the full cluster wheelhouse (SGLang, vLLM, Transformer
+Engine); this folder is the small one the smoke needs.
 """
 
 from __future__ import annotations
