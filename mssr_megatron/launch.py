@@ -63,7 +63,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--python", default=sys.executable,
                        help="Python interpreter of the job, visible on every node (default: this one)")
     memory = parser.add_argument_group("memory plan")
-    memory.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB that the layout "
+    memory.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GB (10^9 bytes) that the layout "
                         "must fit (`mssr plan`; default 80)")
     memory.add_argument("--skip-memory-plan", action="store_true", help="submit even if the plan does not fit")
     parser.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")

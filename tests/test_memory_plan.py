@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mssr_megatron.config import RunConfig, load_config
-from mssr_megatron.plan.memory import (GIB, layer_activation_bytes, logprob_op_bytes, plan_memory,
+from mssr_megatron.plan.memory import (GB, layer_activation_bytes, logprob_op_bytes, plan_memory,
                                        vision_activation_bytes)
 from mssr_megatron.plan.shapes import ModelShape, resolve_config_json
 
@@ -130,7 +130,7 @@ def test_mssr_train_refuses_on_a_cuda_device_that_is_too_small(monkeypatch):
 
     hf_config = AutoConfig.from_pretrained(os.path.join(ROOT, "examples", "model_configs", "qwen2_5_vl_7b"))
     cfg = load_config(os.path.join(ROOT, "examples", "configs", "qwen2_5_vl_7b_mssr.yaml"))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=40 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=40 * GB))
     with pytest.raises(ValueError, match="mssr train .*does not fit"):
         plan.check_training_start(cfg, hf_config, 8, torch.device("cuda", 0))
     plan.check_training_start(cfg, hf_config, 8, torch.device("cpu"))  # nothing to check on the CPU
@@ -142,7 +142,7 @@ def test_mssr_train_refuses_on_a_cuda_device_that_is_too_small(monkeypatch):
 def test_published_configs_fit_80gb_gpus(path):
     cfg = load_config(path)
     shape = ModelShape.from_config_json(resolve_config_json(cfg.model.hf_path))
-    plan = plan_memory(cfg, shape, 8, 80 * GIB)
+    plan = plan_memory(cfg, shape, 8, 80 * GB)
     assert plan.fits, plan.overflow()
 
 

@@ -13,11 +13,11 @@ import json
 import os
 import sys
 
-from mssr_megatron.plan.memory import GIB, MemoryPlan, plan_memory
+from mssr_megatron.plan.memory import GB, MemoryPlan, plan_memory
 from mssr_megatron.plan.report import check_fits, fitting_settings, format_plan
 from mssr_megatron.plan.shapes import ModelShape, resolve_config_json
 
-__all__ = ["GIB", "MemoryPlan", "ModelShape", "plan_memory", "check_fits", "format_plan", "add_plan_arguments",
+__all__ = ["GB", "MemoryPlan", "ModelShape", "plan_memory", "check_fits", "format_plan", "add_plan_arguments",
            "run_plan", "check_launch", "check_training_start"]
 
 SKIP_ENV = "MSSR_SKIP_MEMORY_PLAN"
@@ -27,7 +27,7 @@ SKIP_ENV = "MSSR_SKIP_MEMORY_PLAN"
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config, e.g. examples/configs/qwen2_5_vl_7b_mssr.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.micro_batch_size=2")
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GB, 10^9 bytes (default 80, an H100 80GB)")
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 8)),
                         help="training ranks (GPUs) in all (default: $WORLD_SIZE, else 8: one node)")
     parser.add_argument("--model-config", default=None, help="config.json (or its directory) of the model; default: "
@@ -45,7 +45,7 @@ def run_plan(args: argparse.Namespace) -> int:
     cfg.validate(world_size=args.world_size)
     source = resolve_config_json(cfg.model.hf_path, args.model_config)
     shape = ModelShape.from_config_json(source)
-    gpu_bytes = int(args.gpu_memory_gb * GIB)
+    gpu_bytes = int(args.gpu_memory_gb * GB)
     plan = plan_memory(cfg, shape, args.world_size, gpu_bytes, image_tokens=args.image_tokens)
     print(format_plan(plan, f"memory plan of {args.config} (model shape: {source})"))
     fixes = [] if plan.fits else fitting_settings(cfg, shape, args.world_size, gpu_bytes, image_tokens=args.image_tokens)
@@ -66,7 +66,7 @@ def check_launch(cfg, world_size: int, gpu_memory_gb: float) -> None:
     except FileNotFoundError as exc:
         print(f"mssr launch: memory plan skipped: {exc}", file=sys.stderr)
         return
-    check_fits(cfg, shape, world_size, int(gpu_memory_gb * GIB), where="mssr launch")
+    check_fits(cfg, shape, world_size, int(gpu_memory_gb * GB), where="mssr launch")
 
 
 def check_training_start(cfg, hf_config, world_size: int, device) -> None:

@@ -1,6 +1,6 @@
 """The per-rank memory plan of a run: what each GPU holds while it generates and while it trains.
 
-    plan = plan_memory(cfg, shape, world_size=8, gpu_bytes=80 * GIB)
+    plan = plan_memory(cfg, shape, world_size=8, gpu_bytes=80 * GB)
     plan.fits, plan.peak, plan.overflow()            # overflow(): None, or the phase and line past the GPU's size
 
 Per rank of the largest pipeline stage (the driver rank, which also hosts the rollout engine), in bytes:
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from mssr_megatron.experience import sequence_multiple
 from mssr_megatron.plan.shapes import ModelShape
 
-GIB = 1024 ** 3
+GB = 10 ** 9  # decimal gigabytes, as GPU memory is sold ("80 GB"; an H100 80GB reports 79.2 GiB to torch)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -180,20 +180,20 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
              f"{params / 1e9:.2f}B params on this rank"),
         Line("gradients", "gradients (fp32 buffer)", trained * 4, trained * 4, f"{trained / 1e9:.2f}B trained"),
         Line("optimizer", "optimizer states", opt_bytes, opt_bytes,
-             (f"distributed over DP {dp}; {_gib(no_dist)} without" if dist_opt else
-              f"{_gib(no_dist // dp)} with the distributed optimizer (DP {dp})")),
+             (f"distributed over DP {dp}; {_gb(no_dist)} without" if dist_opt else
+              f"{_gb(no_dist // dp)} with the distributed optimizer (DP {dp})")),
         Line("reference", f"reference model ({m.params_dtype})", params * b if needs_ref else 0,
              params * b if needs_ref else 0, "" if needs_ref else "not needed (no KL term)"),
         Line("activations", "activations", 0, activations + vision_act if backward_peak else step_scratch,
              f"mbs {p.micro_batch_size} x {seq} tokens x {in_flight} in flight, recompute "
              f"{m.recompute_granularity or 'none'}; none/selective/full: "
-             + "/".join(_gib(v) for v in recompute_alts.values())
-             + (f"; vision tower {_gib(vision_act)}" if vision_act else "")
-             + ("" if backward_peak else f"; the optimizer step's scratch ({_gib(step_scratch)}, after backward) "
-                f"is larger than activations + log-prob op ({_gib(compute)})")),
+             + "/".join(_gb(v) for v in recompute_alts.values())
+             + (f"; vision tower {_gb(vision_act)}" if vision_act else "")
+             + ("" if backward_peak else f"; the optimizer step's scratch ({_gb(step_scratch)}, after backward) "
+                f"is larger than activations + log-prob op ({_gb(compute)})")),
         Line("logprob", "logits + log-prob op", 0, logprob if backward_peak else 0,
-             f"chunk {m.logprob_chunk_tokens}; unchunked {_gib(unchunked)}" if m.logprob_chunk_tokens
-             else f"unchunked; {_gib(logprob_op_bytes(tokens, vocab_local, b, 2048))} with chunk 2048"),
+             f"chunk {m.logprob_chunk_tokens}; unchunked {_gb(unchunked)}" if m.logprob_chunk_tokens
+             else f"unchunked; {_gb(logprob_op_bytes(tokens, vocab_local, b, 2048))} with chunk 2048"),
         Line("engine", f"rollout engine ({r.engine})", engine_rollout, engine_training, engine_note),
     ]
     layout = f"TP{tp} PP{pp} DP{dp} on {world_size} rank(s), stage {stage}"
@@ -210,15 +210,15 @@ def _engine_bytes(cfg, shape: ModelShape, gpu_bytes: int | None, b: int) -> tupl
     if r.engine == "hf":
         seq = cfg.data.max_prompt_tokens + r.max_new_tokens
         kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * b * seq * r.hf_batch_size
-        return weights + kv, weights + kv, f"weights {_gib(weights)} + KV cache {_gib(kv)} (resident)"
+        return weights + kv, weights + kv, f"weights {_gb(weights)} + KV cache {_gb(kv)} (resident)"
     if gpu_bytes is None:
         return 0, 0, f"mem_fraction {r.mem_fraction} of the GPU (no GPU size given)"
     held = int(r.mem_fraction * gpu_bytes)
-    note = (f"mem_fraction {r.mem_fraction}: weights {_gib(weights)} (engine TP {r.engine_tp_size}) + KV cache "
-            f"{_gib(max(held - weights, 0))}")
+    note = (f"mem_fraction {r.mem_fraction}: weights {_gb(weights)} (engine TP {r.engine_tp_size}) + KV cache "
+            f"{_gb(max(held - weights, 0))}")
     return held, 0 if r.colocate else held, note + ("; released while training" if r.colocate else "")
 
 
-def _gib(n: int | float) -> str:
-    return f"{n / GIB:.1f} GiB" if n >= 0.1 * GIB else f"{n / 2 ** 20:.1f} MiB"
+def _gb(n: int | float) -> str:
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 10 ** 6:.1f} MB"
 

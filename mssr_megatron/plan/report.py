@@ -10,33 +10,33 @@ from __future__ import annotations
 import copy
 import itertools
 
-from mssr_megatron.plan.memory import GIB, MemoryPlan, plan_memory
+from mssr_megatron.plan.memory import GB, MemoryPlan, plan_memory
 from mssr_megatron.plan.shapes import ModelShape
 
 _ENGINE_HEADROOM = 0.05  # of the GPU, left free beside the engine (CUDA context, NCCL buffers, fragmentation)
 
 
 def format_plan(plan: MemoryPlan, title: str) -> str:
-    gpu = f"{plan.gpu_bytes / GIB:.0f} GiB per GPU" if plan.gpu_bytes else "no GPU size given"
+    gpu = f"{plan.gpu_bytes / GB:.0f} GB per GPU" if plan.gpu_bytes else "no GPU size given"
     width = max(len(line.label) for line in plan.lines) + 2
     rows = [f"{title}: {plan.layout}; {gpu}",
-            f"{'':{width}}{'rollout':>10}{'training':>10}   GiB per rank; notes"]
+            f"{'':{width}}{'rollout':>10}{'training':>10}   GB per rank; notes"]
     for line in plan.lines:
-        rows.append(f"{line.label:{width}}{line.rollout / GIB:10.1f}{line.training / GIB:10.1f}   {line.note}")
-    rows.append(f"{'total':{width}}{plan.total('rollout') / GIB:10.1f}{plan.total('training') / GIB:10.1f}")
+        rows.append(f"{line.label:{width}}{line.rollout / GB:10.1f}{line.training / GB:10.1f}   {line.note}")
+    rows.append(f"{'total':{width}}{plan.total('rollout') / GB:10.1f}{plan.total('training') / GB:10.1f}")
     rows.append(verdict(plan))
     return "\n".join(rows)
 
 
 def verdict(plan: MemoryPlan) -> str:
     if plan.gpu_bytes is None:
-        return f"peak {plan.peak / GIB:.1f} GiB per rank"
+        return f"peak {plan.peak / GB:.1f} GB per rank"
     over = plan.overflow()
     if over is None:
-        return f"fits: peak {plan.peak / GIB:.1f} GiB of {plan.gpu_bytes / GIB:.0f} GiB"
+        return f"fits: peak {plan.peak / GB:.1f} GB of {plan.gpu_bytes / GB:.0f} GB"
     phase, line = over
-    return (f"DOES NOT FIT: the {phase} phase needs {plan.total(phase) / GIB:.1f} GiB of "
-            f"{plan.gpu_bytes / GIB:.0f} GiB; it overflows at '{line.label}' ({getattr(line, phase) / GIB:.1f} GiB: "
+    return (f"DOES NOT FIT: the {phase} phase needs {plan.total(phase) / GB:.1f} GB of "
+            f"{plan.gpu_bytes / GB:.0f} GB; it overflows at '{line.label}' ({getattr(line, phase) / GB:.1f} GB: "
             f"{line.note})")
 
 
