@@ -98,9 +98,12 @@ def _allocate_distributed_optimizer_state(optimizer) -> None:
     from the inner torch Adam's state, which torch creates at the first step: without Transformer Engine's or apex's
     fused Adam (CPU; GPU nodes without them) a resume before any step fails there (`assert len(steps) == 1`).
     megatron's own remedy in its FSDP load path, `_init_optimizer_states_with_dummy_values` (one step with zero
-    gradients), creates the state; the checkpoint then overwrites it, and the model weights are loaded after it."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    gradients), creates the state; the checkpoint then overwrites it, and the model weights are loaded after it.
+    With fused Adam (TE/apex) megatron reads the step from the param groups and nothing is done here."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 
+    if HAVE_APEX_OR_TE:
+        return
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
             inner._init_optimizer_states_with_dummy_values()
@@ -127,9 +130,11 @@ def _restore_adam_steps(optimizer) -> None:
     every parameter's state (torch's Adam increments each counter in place, so a shared one advances once per
     parameter per step), and the 'dp_reshardable' parameter state then copies into it the step of the optimizer that
     received the load (a LocalNonpersistentObject: the fresh optimizer's, not the checkpoint's). The checkpoint's step
-    is in the loaded param groups (megatron saves it there for this case)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    is in the loaded param groups (megatron saves it there for this case). Nothing to do with fused Adam."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 
+    if HAVE_APEX_OR_TE:
+        return
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not isinstance(inner, DistributedOptimizer):
             continue
