@@ -9,7 +9,11 @@ Most CUDA-only spots in megatron-core are device literals inside otherwise devic
 every module), `_CpuTorch` is installed as the `torch` global of the few megatron modules that hold such literals:
 only code in those modules sees it, it maps CUDA devices to the CPU in tensor factories and answers
 `torch.cuda.current_device()` with "cpu", and everything else passes through to the real torch.
-Two spots need real replacements: the CUDA RNG tracker and an assert on the grad type in gradient clipping.
+Two spots need real replacements: the CUDA RNG tracker and an assert on the grad type in gradient clipping. The
+optimizers' constructors (the distributed optimizer, the bf16/fp16 optimizer) run with `Tensor.type()` naming CPU
+tensors by their CUDA type, because they group parameters by those names. Sequence parallelism and the distributed
+optimizer need nothing else on gloo (torch 2.13's gloo has reduce_scatter_tensor, all_gather_into_tensor and the
+coalescing manager that megatron's grad/param buffers use).
 """
 
 from __future__ import annotations
@@ -120,11 +124,12 @@ PATCHES = (
           "with Tensor.cuda as the identity for the duration of that one call"),
     Patch("clip_grads", ("megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",),
           "asserts param.grad.type() == 'torch.cuda.FloatTensor'; the CPU version checks float32 instead"),
-    Patch("distributed_optimizer_param_types", ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer"
-                                                ".__init__",),
-          "sorts parameters into fp32 / fp16 / bf16 groups by param.type() == 'torch.cuda.FloatTensor' etc. and "
-          "raises TypeError for anything else; run it with Tensor.type() naming CPU tensors by their CUDA type "
-          "(the dtype decides the group, as on GPU) for the duration of that one call"),
+    Patch("optimizer_param_types", ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
+                                    "megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__"),
+          "the distributed optimizer and the bf16/fp16 optimizer sort parameters into fp32 / fp16 / bf16 groups by "
+          "param.type() == 'torch.cuda.FloatTensor' etc. and raise TypeError for anything else; run each "
+          "constructor with Tensor.type() naming CPU tensors by their CUDA type (the dtype decides the group, as "
+          "on GPU) for the duration of that one call"),
 )
 
 _applied = False
@@ -244,7 +249,10 @@ def apply_cpu_patches(force: bool = False) -> bool:
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    DistributedOptimizer.__init__ = _with_tensor_type_as_cuda(DistributedOptimizer.__init__)
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for optimizer_class in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
+        optimizer_class.__init__ = _with_tensor_type_as_cuda(optimizer_class.__init__)
     # The optimizer imported the function by name; point its reference at the CPU version too.
     from megatron.core.optimizer import optimizer as optimizer_module
 

@@ -120,8 +120,9 @@ def test_transformer_engine_without_te_fails_with_one_clear_message():
         layer_spec(ModelConfig(transformer_impl="local", fp8="hybrid"))
 
 
-def test_distributed_optimizer_sorts_cpu_params_by_their_cuda_type_only_inside_its_constructor():
+def test_optimizers_sort_cpu_params_by_their_cuda_type_only_inside_their_constructors():
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     from megatron_patches.cpu import _with_tensor_type_as_cuda
 
@@ -133,6 +134,7 @@ def test_distributed_optimizer_sorts_cpu_params_by_their_cuda_type_only_inside_i
         "torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor", "torch.cuda.HalfTensor", torch.float64)
     assert torch.zeros(1).type() == "torch.FloatTensor"  # restored after the call
     assert DistributedOptimizer.__init__.__name__ == "wrapped"
+    assert Float16OptimizerWithFloat16Params.__init__.__name__ == "wrapped"
 
 
 def test_sequence_parallel_and_distributed_optimizer_modules_see_the_cpu_stand_in():
