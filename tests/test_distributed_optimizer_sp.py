@@ -80,7 +80,11 @@ def _train_worker(rank: int, tp: int, dp: int, sp: bool, distributed: bool, dtyp
     try:
         actor, inputs = _actor(tp, sp, distributed, dtype)
         _check_layout(actor, sp, distributed)
-        if sp:  # SP splits the sequence over TP: an odd length is refused with the fix named
+        if sp:  # the output layer gathers the sequence back: logits stay [B, S, V_padded / TP]
+            logits = actor.module(inputs["input_ids"], inputs["position_ids"], inputs["pixel_values"],
+                                  inputs["image_grid_thw"])
+            assert logits.shape == (*inputs["input_ids"].shape, actor.dims.padded_vocab_size // tp)
+            # SP splits the sequence over TP: an odd length is refused with the fix named
             with pytest.raises(ValueError, match=f"must be a multiple of {tp}; pad it"):
                 actor.module(inputs["input_ids"][:, :-1], inputs["position_ids"][:, :, :-1])
         rows = _rows(dp)
