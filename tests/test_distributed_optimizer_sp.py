@@ -167,3 +167,26 @@ def test_resume_with_the_distributed_optimizer_is_exact(tmp_path):
     spawn(_resume_worker, 2, True, str(tmp_path))
     continued, resumed = torch.load(tmp_path / "continued.pt"), torch.load(tmp_path / "resumed.pt")
     _assert_same_training(resumed, continued, atol=0.0)
+
+
+@pytest.mark.slow
+def test_trainer_runs_with_sequence_parallelism_and_the_distributed_optimizer(tmp_path):
+    """The config flags reach the trainer's policy: 2 RL steps at TP2 + SP + distributed optimizer, the engine's and
+    the trainer's log-probs agree, and the run checkpoint (distributed-optimizer format) converts to HF."""
+    import json
+
+    from test_trainer_e2e import _train_worker
+    from trainer_assets import build_assets, overrides
+
+    from mssr_megatron.checkpoint.convert import megatron_to_hf
+
+    extra = overrides(build_assets(str(tmp_path / "assets")), str(tmp_path / "run"),
+                      "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                      "parallel.use_distributed_optimizer=true")
+    spawn(_train_worker, 2, [("examples/configs/tiny_cpu.yaml", extra)])
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if m["step"] > 0]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(m["actor/update_skipped"] == 0.0 and m["mismatch/max_abs_diff"] < 1e-4 for m in steps)
+    assert os.listdir(megatron_to_hf(tmp_path / "run" / "checkpoints" / "step_000002", tmp_path / "hf",
+                                     progress=False))
