@@ -81,9 +81,10 @@ class MegatronActor:
 
         config = module.config
         # With the distributed optimizer, gradients are reduce-scattered and the updated weights all-gathered after
-        # each step. Megatron-LM overlaps the reduce-scatter with the backward pass (--overlap-grad-reduce); the
-        # all-gather stays synchronous inside optimizer.step() (no --overlap-param-gather), because the weight sync
-        # and checkpoints read the weights right after the step, before any forward pass could gather them.
+        # each step. The reduce-scatter overlaps the backward pass (Megatron-LM's --overlap-grad-reduce, which its
+        # distributed-optimizer recipes set); the all-gather stays synchronous inside optimizer.step() (no
+        # --overlap-param-gather, which would defer it to the next forward pass), because the weight sync and the
+        # checkpoints read the weights right after the step. Same code on gloo (CPU) and NCCL.
         distributed = self.use_distributed_optimizer
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=distributed, overlap_grad_reduce=distributed,

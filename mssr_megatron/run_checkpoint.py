@@ -110,7 +110,9 @@ def _allocate_distributed_optimizer_state(optimizer) -> None:
 
 
 def load_model_and_optimizer(actor, directory: str) -> None:
-    """Restore what save_model_and_optimizer wrote into the actor's model and optimizer (every rank calls this)."""
+    """Restore what save_model_and_optimizer wrote into the actor's model and optimizer (every rank calls this).
+    Tested on CPU (torch's Adam). With Transformer Engine's fused Adam (GPU) the two Adam-state fixes below do nothing
+    and megatron's own load runs: GPU-only: not run (no GPU was available)."""
     from megatron.core import dist_checkpointing
 
     _allocate_distributed_optimizer_state(actor.optimizer)
