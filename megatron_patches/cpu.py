@@ -9,7 +9,11 @@ Most CUDA-only spots in megatron-core are device literals inside otherwise devic
 every module), `_CpuTorch` is installed as the `torch` global of the few megatron modules that hold such literals:
 only code in those modules sees it, it maps CUDA devices to the CPU in tensor factories and answers
 `torch.cuda.current_device()` with "cpu", and everything else passes through to the real torch.
-Two spots need real replacements: the CUDA RNG tracker and an assert on the grad type in gradient clipping.
+Two spots need real replacements: the CUDA RNG tracker and an assert on the grad type in gradient clipping. The
+optimizers' constructors (the distributed optimizer, the bf16/fp16 optimizer) run with `Tensor.type()` naming CPU
+tensors by their CUDA type, because they group parameters by those names. Sequence parallelism and the distributed
+optimizer need nothing else on gloo (torch 2.13's gloo has reduce_scatter_tensor, all_gather_into_tensor and the
+coalescing manager that megatron's grad/param buffers use).
 """
 
 from __future__ import annotations
@@ -93,12 +97,14 @@ DEVICE_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.schedules",  # total_num_tokens on device="cuda"
     "megatron.core.pipeline_parallel.p2p_communication",  # shape buffers on CUDA, torch.cuda.synchronize()
     "megatron.core.tensor_parallel.layers",  # weights without use_cpu_initialization, grad buffers
+    "megatron.core.tensor_parallel.mappings",  # sequence parallelism: gather/scatter outputs on the CUDA device
     "megatron.core.transformer.dot_product_attention",  # softmax offsets on the CUDA device
     "megatron.core.transformer.utils",  # the default causal mask is built on device="cuda"
     "megatron.core.distributed.param_and_grad_buffer",  # DDP grad buffers on torch.cuda.current_device()
     "megatron.core.distributed.distributed_data_parallel",  # DDP streams and syncs
     "megatron.core.optimizer.optimizer",  # found_inf / scale tensors on device="cuda"
     "megatron.core.optimizer.clip_grads",  # grad-norm reductions on device="cuda"
+    "megatron.core.optimizer.distrib_optimizer",  # distributed optimizer: state buffers on torch.cuda.current_device()
     "megatron.core.dist_checkpointing.strategies.filesystem_async",  # save: torch.cuda.synchronize() after staging
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save: failure flag on torch.cuda.current_device()
 )
@@ -118,6 +124,12 @@ PATCHES = (
           "with Tensor.cuda as the identity for the duration of that one call"),
     Patch("clip_grads", ("megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",),
           "asserts param.grad.type() == 'torch.cuda.FloatTensor'; the CPU version checks float32 instead"),
+    Patch("optimizer_param_types", ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
+                                    "megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__"),
+          "the distributed optimizer and the bf16/fp16 optimizer sort parameters into fp32 / fp16 / bf16 groups by "
+          "param.type() == 'torch.cuda.FloatTensor' etc. and raise TypeError for anything else; run each "
+          "constructor with Tensor.type() naming CPU tensors by their CUDA type (the dtype decides the group, as "
+          "on GPU) for the duration of that one call"),
 )
 
 _applied = False
@@ -180,6 +192,31 @@ def _with_tensor_cuda_as_identity(method):
     return wrapped
 
 
+def _cuda_type_name(tensor, *args, **kwargs):
+    """Tensor.type() that names a CPU tensor by its CUDA type ('torch.FloatTensor' -> 'torch.cuda.FloatTensor');
+    with arguments (a conversion) it is the real Tensor.type."""
+    real = _REAL_TENSOR_TYPE(tensor, *args, **kwargs)
+    if args or kwargs or tensor.is_cuda or not real.startswith("torch."):
+        return real
+    return "torch.cuda." + real[len("torch."):]
+
+
+_REAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _with_tensor_type_as_cuda(method):
+    """Wrap `method` so that Tensor.type() names CPU tensors by their CUDA type while it runs (restored after)."""
+
+    def wrapped(*args, **kwargs):
+        torch.Tensor.type = _cuda_type_name
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _REAL_TENSOR_TYPE
+
+    return wrapped
+
+
 def apply_cpu_patches(force: bool = False) -> bool:
     """Apply every patch once. Does nothing where CUDA is available unless `force`. Returns whether patches are on."""
     global _applied
@@ -210,6 +247,12 @@ def apply_cpu_patches(force: bool = False) -> bool:
         LanguageModule.setup_embeddings_and_output_layer
     )
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for optimizer_class in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
+        optimizer_class.__init__ = _with_tensor_type_as_cuda(optimizer_class.__init__)
     # The optimizer imported the function by name; point its reference at the CPU version too.
     from megatron.core.optimizer import optimizer as optimizer_module
 

@@ -1,12 +1,15 @@
 """The policy on this rank: a Qwen2.5-VL stage wrapped in Megatron DDP, its optimizer and LR schedule.
 
-    actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_optimizer_steps, device=device)
+    actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_optimizer_steps, device=device,
+                          parallel_cfg=cfg.parallel)
     actor.load_hf_state(hf_state)
     out = actor.token_logprobs(batches, temperature)    # last stage: [(logprobs [B, S-1], entropy [B, S-1]), ...]
     metrics = actor.train_step(batches, loss_fn)        # forward, backward, grad finalisation, clip, optimizer step
 
 Token t's log-prob is read from the logits at position t - 1 (the usual shift), through the fused vocab-parallel op.
 A reference policy is the same class without an optimizer (`optim_cfg=None`).
+parallel_cfg (cfg.parallel) switches on sequence parallelism and Megatron's distributed optimizer (optimizer states
+and fp32 main weights sharded over the data-parallel ranks, gradients reduce-scattered); None: neither.
 
 Device: the stage lives on `device` (`parallel.compute_device`; default the CPU) and `actor.device` says where.
 Micro-batches may be anywhere: their model inputs are moved to the model's device one micro-batch at a time
@@ -55,13 +58,16 @@ def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: 
 
 class MegatronActor:
     def __init__(self, hf_config, model_cfg, optim_cfg=None, total_optimizer_steps: int = 1,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, parallel_cfg=None):
         from megatron.core import parallel_state as ps
 
         self.hf_config = hf_config
         self.vocab_size = hf_config.text_config.vocab_size
         self.logprob_chunk_tokens = model_cfg.logprob_chunk_tokens  # the fused op's chunk (bounds its fp32 scratch)
-        module = build_model(hf_config, model_cfg, device)  # on `device` before DDP and the optimizer see it
+        sequence_parallel = bool(parallel_cfg and parallel_cfg.sequence_parallel)
+        self.use_distributed_optimizer = bool(parallel_cfg and parallel_cfg.use_distributed_optimizer)
+        # on `device` before DDP and the optimizer see it
+        module = build_model(hf_config, model_cfg, device, sequence_parallel=sequence_parallel)
         self.device = module_device(module)
         self.dims = ModelDims.from_hf_config(
             hf_config, padded_vocab_size(self.vocab_size, ps.get_tensor_model_parallel_world_size())
@@ -79,14 +85,23 @@ class MegatronActor:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         config = module.config
-        self.model = DistributedDataParallel(
-            config=config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=module
+        # With the distributed optimizer, gradients are reduce-scattered and the updated weights all-gathered after
+        # each step. The reduce-scatter overlaps the backward pass (Megatron-LM's --overlap-grad-reduce, which its
+        # distributed-optimizer recipes set); the all-gather stays synchronous inside optimizer.step() (no
+        # --overlap-param-gather, which would defer it to the next forward pass), because the weight sync and the
+        # checkpoints read the weights right after the step. Same code on gloo (CPU) and NCCL.
+        distributed = self.use_distributed_optimizer
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed, overlap_grad_reduce=distributed,
+            overlap_param_gather=False,
         )
+        self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
                 adam_beta1=optim_cfg.adam_beta1, adam_beta2=optim_cfg.adam_beta2, adam_eps=optim_cfg.adam_eps,
                 clip_grad=optim_cfg.grad_clip, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
+                use_distributed_optimizer=distributed,
             ),
             [self.model],
         )

@@ -79,9 +79,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """Megatron pipeline-parallel size (PP); data-parallel size = world size / (TP * PP)."""
     sequence_parallel: bool = False
-    """Shard activations along the sequence inside TP regions (GPU only; useful with TP > 1)."""
+    """Shard activations along the sequence inside TP regions (needs TP > 1; micro-batch lengths a multiple of TP)."""
     use_distributed_optimizer: bool = False
-    """Shard optimizer states across data-parallel ranks (Megatron distributed optimizer; GPU only)."""
+    """Shard optimizer states and fp32 main weights across data-parallel ranks (Megatron distributed optimizer)."""
     micro_batch_size: int = 1
     """Rollouts per micro-batch (one forward/backward) on each data-parallel rank."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"

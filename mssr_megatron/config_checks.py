@@ -101,15 +101,14 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
                  "model.recompute_method/recompute_num_layers apply only with model.recompute_granularity=full")
 
     # parallel / device
+    _require(not p.sequence_parallel or p.tensor_model_parallel_size > 1,
+             "parallel.sequence_parallel splits activations over the tensor-parallel ranks and needs "
+             f"parallel.tensor_model_parallel_size > 1 (got {p.tensor_model_parallel_size}); set it false at TP 1")
     device = cfg.trainer.device
     if device == "cpu":
         _require(p.backend != "nccl", "parallel.backend=nccl needs CUDA; use gloo (or auto) with trainer.device=cpu")
         _require(m.transformer_impl == "local",
                  "model.transformer_impl=transformer_engine needs CUDA; use local with trainer.device=cpu")
-        _require(not p.sequence_parallel,
-                 "parallel.sequence_parallel is GPU only; set it false with trainer.device=cpu")
-        _require(not p.use_distributed_optimizer,
-                 "parallel.use_distributed_optimizer is GPU only; set it false with trainer.device=cpu")
         _require(r.engine == "hf",
                  f"rollout.engine={r.engine} needs CUDA; use rollout.engine=hf with trainer.device=cpu")
 

@@ -1,7 +1,8 @@
 """Run checkpoints: everything a resumed run needs, written atomically, the last N kept.
 
     <save_dir>/step_000010/
-        model/            megatron distributed checkpoint: model + optimizer (resharding-capable)
+        model/            megatron distributed checkpoint: model + optimizer (resharding-capable; with the distributed
+                          optimizer only the data-parallel size may change on resume, see DISTRIBUTED_OPTIMIZER_FORMAT)
         trainer_state.pt  step, LR schedule, Beta tracker + forgetting rule, sampler position (rank 0)
         rng/rank_<r>.pt   every RNG stream of rank r (torch, megatron's model-parallel tracker, python, numpy)
         COMPLETE          written last: a directory without it is not a checkpoint
@@ -70,18 +71,85 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _sharded_state(ctx, loading: bool = False):
+DISTRIBUTED_OPTIMIZER_FORMAT = "dp_reshardable"
+"""How megatron's DistributedOptimizer writes its sharded state (Megatron-LM's default): each rank writes its own
+shard of the flat buffers, in parallel, without gathering; a resume may change the data-parallel size but not TP/PP.
+('fully_reshardable' would gather every buffer on data-parallel rank 0 to allow any layout.)"""
+
+
+def _sharded_state(actor, loading: bool = False):
     """Model and optimizer as megatron sharded tensors. When loading, the optimizer first creates its (Adam) state
     so that the checkpoint has somewhere to go."""
-    model_state = ctx.actor.module.sharded_state_dict()
+    model_state = actor.module.sharded_state_dict()
+    metadata = {"distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_FORMAT} if actor.use_distributed_optimizer else None
     return {"model": model_state,
-            "optimizer": ctx.actor.optimizer.sharded_state_dict(model_state, is_loading=loading)}
+            "optimizer": actor.optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=metadata)}
+
+
+def save_model_and_optimizer(actor, directory: str) -> None:
+    """Write the actor's model and optimizer (every rank calls this) as a megatron distributed checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(_sharded_state(actor), directory)
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh DistributedOptimizer its Adam state before a load. Its sharded_state_dict() reads the step count
+    from the inner torch Adam's state, which torch creates at the first step: without Transformer Engine's or apex's
+    fused Adam (CPU; GPU nodes without them) a resume before any step fails there (`assert len(steps) == 1`).
+    megatron's own remedy in its FSDP load path, `_init_optimizer_states_with_dummy_values` (one step with zero
+    gradients), creates the state; the checkpoint then overwrites it, and the model weights are loaded after it.
+    With fused Adam (TE/apex) megatron reads the step from the param groups and nothing is done here."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def load_model_and_optimizer(actor, directory: str) -> None:
+    """Restore what save_model_and_optimizer wrote into the actor's model and optimizer (every rank calls this).
+    Tested on CPU (torch's Adam). With Transformer Engine's fused Adam (GPU) the two Adam-state fixes below do nothing
+    and megatron's own load runs: GPU-only: not run (no GPU was available)."""
+    from megatron.core import dist_checkpointing
+
+    _allocate_distributed_optimizer_state(actor.optimizer)
+    state = dist_checkpointing.load(_sharded_state(actor, loading=True), directory)
+    actor.module.load_state_dict(state["model"])
+    # no_grad: with float32 weights the distributed optimizer's main-parameter shards are views of the parameters,
+    # which its load copies into in place (autograd refuses that on a view of a leaf that requires grad)
+    with torch.no_grad():
+        actor.optimizer.load_state_dict(state["optimizer"])
+    _restore_adam_steps(actor.optimizer)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Set every parameter's Adam step counter to the checkpoint's after a DistributedOptimizer load, one tensor per
+    parameter. Without Transformer Engine's or apex's fused Adam (torch's Adam keeps a step tensor per parameter),
+    megatron-core 0.16.1's load gets two things wrong: DistributedOptimizer.load_state_dict puts ONE step tensor into
+    every parameter's state (torch's Adam increments each counter in place, so a shared one advances once per
+    parameter per step), and the 'dp_reshardable' parameter state then copies into it the step of the optimizer that
+    received the load (a LocalNonpersistentObject: the fresh optimizer's, not the checkpoint's). The checkpoint's step
+    is in the loaded param groups (megatron saves it there for this case). Nothing to do with fused Adam."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:
+                param_state = inner.optimizer.state.get(param, {})
+                if "step" in group and isinstance(param_state.get("step"), torch.Tensor):
+                    param_state["step"] = torch.tensor(float(group["step"]), dtype=param_state["step"].dtype,
+                                                       device=param_state["step"].device)
 
 
 def save(ctx) -> str:
     """Write a checkpoint of the current step (every rank calls this); returns its path."""
-    from megatron.core import dist_checkpointing
-
     save_dir = ctx.cfg.checkpoint_dir
     final = os.path.join(save_dir, f"step_{ctx.step:06d}")
     tmp = final + ".tmp"
@@ -90,7 +158,7 @@ def save(ctx) -> str:
         os.makedirs(os.path.join(tmp, "model"))
         os.makedirs(os.path.join(tmp, "rng"))
     _barrier()
-    dist_checkpointing.save(_sharded_state(ctx), os.path.join(tmp, "model"))
+    save_model_and_optimizer(ctx.actor, os.path.join(tmp, "model"))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank()}.pt"))
     if _rank() == 0:
         _write_conversion_metadata(ctx, os.path.join(tmp, "model"))
@@ -141,16 +209,12 @@ def resolve_resume(cfg) -> str | None:
 
 def maybe_resume(ctx) -> bool:
     """Restore model, optimizer, schedule, algorithm state, sampler, RNG and step; push the weights to the engine."""
-    from megatron.core import dist_checkpointing
-
     from mssr_megatron.rollout.weight_export import sync_weights
 
     path = resolve_resume(ctx.cfg)
     if path is None:
         return False
-    state = dist_checkpointing.load(_sharded_state(ctx, loading=True), os.path.join(path, "model"))
-    ctx.actor.module.load_state_dict(state["model"])
-    ctx.actor.optimizer.load_state_dict(state["optimizer"])
+    load_model_and_optimizer(ctx.actor, os.path.join(path, "model"))
     trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     ctx.actor.scheduler.load_state_dict(trainer_state["scheduler"])
     ctx.algo.load_state_dict(trainer_state["algorithm"])

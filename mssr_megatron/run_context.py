@@ -143,13 +143,13 @@ def build_context(cfg: RunConfig) -> RunContext:
     colocation.release()
     torch.manual_seed(cfg.trainer.seed)  # after the engine: the same RNG stream on every rank, with any engine
     total_updates = cfg.trainer.total_steps * cfg.optimizer_steps_per_step
-    actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_updates, device=device)
+    actor = MegatronActor(hf_config, cfg.model, cfg.optimizer, total_updates, device=device, parallel_cfg=cfg.parallel)
     actor.load_hf_state(HFTensors(cfg.model.hf_path))
     needs_reference = (cfg.algorithm.use_kl_loss or cfg.algorithm.kl_in_reward
                        or cfg.algorithm.baseline.rho_rule == "kl_window")
     reference = None
     if needs_reference:
-        reference = MegatronActor(hf_config, cfg.model, device=device)
+        reference = MegatronActor(hf_config, cfg.model, device=device, parallel_cfg=cfg.parallel)
         reference.load_hf_state(HFTensors(cfg.model.ref_hf_path or cfg.model.hf_path))
     with colocation.weight_update():  # the engine serves the policy's weights from here on
         sync_weights(actor.module, actor.dims, engine, int(cfg.rollout.weight_bucket_mb * 2**20))

@@ -118,3 +118,29 @@ def test_transformer_engine_without_te_fails_with_one_clear_message():
         layer_spec(ModelConfig(transformer_impl="transformer_engine"))
     with pytest.raises(RuntimeError, match="model.fp8 needs"):
         layer_spec(ModelConfig(transformer_impl="local", fp8="hybrid"))
+
+
+def test_optimizers_sort_cpu_params_by_their_cuda_type_only_inside_their_constructors():
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    from megatron_patches.cpu import _with_tensor_type_as_cuda
+
+    def types_seen():
+        return (torch.zeros(1).type(), torch.zeros(1, dtype=torch.bfloat16).type(),
+                torch.zeros(1, dtype=torch.float16).type(), torch.zeros(1).type(torch.float64).dtype)
+
+    assert _with_tensor_type_as_cuda(types_seen)() == (
+        "torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor", "torch.cuda.HalfTensor", torch.float64)
+    assert torch.zeros(1).type() == "torch.FloatTensor"  # restored after the call
+    assert DistributedOptimizer.__init__.__name__ == "wrapped"
+    assert Float16OptimizerWithFloat16Params.__init__.__name__ == "wrapped"
+
+
+def test_sequence_parallel_and_distributed_optimizer_modules_see_the_cpu_stand_in():
+    import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
+    import megatron.core.tensor_parallel.mappings as mappings
+
+    assert isinstance(mappings.torch, _CpuTorch) and isinstance(distrib_optimizer.torch, _CpuTorch)
+    # the literal the SP reduce-scatter / all-gather use for their outputs
+    assert mappings.torch.empty(3, device=mappings.torch.cuda.current_device()).device.type == "cpu"

@@ -35,9 +35,12 @@ MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "image_grid_thw")
 """The micro-batch entries the model reads; `move_batch` moves these and leaves the rest where they are."""
 
 
-def build_model(hf_config, model_cfg, device: torch.device | str | None = None) -> Qwen2_5_VLMegatron:
+def build_model(hf_config, model_cfg, device: torch.device | str | None = None,
+                sequence_parallel: bool = False) -> Qwen2_5_VLMegatron:
     """The Qwen2.5-VL stage of this rank (vision tower on the first stage, output layer on the last), on `device`
-    (default: the CPU; the trainer passes `parallel.compute_device`).
+    (default: the CPU; the trainer passes `parallel.compute_device`). sequence_parallel: `parallel.sequence_parallel`
+    (activations sharded along the sequence inside TP regions; megatron-core refuses it at TP=1, and so does the
+    config check).
 
     CPU: megatron initialises the weights on the CPU (use_cpu_initialization), as it always did here. CUDA (GPU-only:
     not run (no GPU was available)): megatron creates and initialises the language model's weights directly on
@@ -60,7 +63,7 @@ def build_model(hf_config, model_cfg, device: torch.device | str | None = None) 
     model = Qwen2_5_VLMegatron(
         hf_config, model_cfg, tp=tp, pp=pp,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-        cpu_initialization=not on_cuda,
+        sequence_parallel=sequence_parallel, cpu_initialization=not on_cuda,
     )
     return model.to(device)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from mssr_megatron.models.rope_index import mrope_position_ids
+from mssr_megatron.models.sequence_parallel_norm import sequence_parallel_block_spec
 
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 HF_DEFAULT_MROPE_SECTION = (16, 24, 24)  # what transformers assumes when the config names none
@@ -174,7 +175,9 @@ class Qwen2_5_VLMegatron(MegatronModule):
     Parameters are named `vision_model.*` (first stage only; transformers' module names) and `language_model.*`
     (megatron GPTModel names); the checkpoint mapping table translates both to the published HF names.
     forward(input_ids [B, S], position_ids [3, B, S], pixel_values [P, C*T*14*14], image_grid_thw [N, 3])
-      -> last stage: vocab-parallel logits [B, S, V_padded / TP]; other stages: hidden states [S, B, H].
+      -> last stage: vocab-parallel logits [B, S, V_padded / TP]; other stages: hidden states [S, B, H]
+         ([S / TP, B, H] under sequence parallelism; the output layer gathers the sequence back, so logits stay
+         [B, S, V_padded / TP]; S must then be a multiple of TP).
     """
 
     def __init__(self, hf_config, model_cfg, tp: int = 1, pp: int = 1, pre_process: bool = True,
@@ -188,9 +191,12 @@ class Qwen2_5_VLMegatron(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.vocab_size = hf_config.text_config.vocab_size
         self.image_token_id = hf_config.image_token_id
+        spec = layer_spec(model_cfg)
+        if self.config.sequence_parallel:  # the local spec's torch norms refuse SP: swap in SP-marked RMSNorms
+            spec = sequence_parallel_block_spec(spec, self.config)
         self.language_model = GPTModel(
             config=self.config,
-            transformer_layer_spec=layer_spec(model_cfg),
+            transformer_layer_spec=spec,
             vocab_size=padded_vocab_size(self.vocab_size, tp),
             max_sequence_length=hf_config.text_config.max_position_embeddings,
             pre_process=pre_process,
@@ -199,6 +205,8 @@ class Qwen2_5_VLMegatron(MegatronModule):
             share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
             position_embedding_type="mrope",
             rotary_base=rotary_base(hf_config),
+            # under SP, embed() merges the vision features into the full [S, B, H] embeddings, then scatters
+            scatter_embedding_sequence_parallel=False,
         )
         self.vision_model = None
         if pre_process:
@@ -226,10 +234,24 @@ class Qwen2_5_VLMegatron(MegatronModule):
         self.language_model.set_input_tensor(input_tensor)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
-        """Token embeddings with the vision features placed at the <|image_pad|> positions. [S, B, H]"""
-        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
-        if pixel_values is None:
-            return embeddings
+        """Token embeddings with the vision features placed at the <|image_pad|> positions: [S, B, H], or this rank's
+        [S/TP, B, H] slice of the sequence under sequence parallelism (scattered after the merge, so the [B, S]
+        image mask lines up with the full sequence)."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H], not scattered
+        if pixel_values is not None:
+            embeddings = self._merge_vision(embeddings, input_ids, pixel_values, image_grid_thw)
+        if self.config.sequence_parallel:
+            from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+            # what LanguageModelEmbedding does under SP: split the sequence over TP (its backward all-gathers the
+            # gradient, so every TP rank sees the full gradient of the vision features), and clone the view
+            embeddings = scatter_to_sequence_parallel_region(embeddings)
+            if self.config.clone_scatter_output_in_embedding:
+                embeddings = embeddings.clone()
+        return embeddings
+
+    def _merge_vision(self, embeddings, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
+        """[S, B, H] embeddings with the vision tower's features written at the image-token positions."""
         image_mask = input_ids == self.image_token_id  # [B, S]: features come image by image, batch-major
         features = self.vision_model(pixel_values.to(self.vision_model.dtype), grid_thw=image_grid_thw)
         features = getattr(features, "pooler_output", features)  # transformers 5 returns a model output
@@ -241,6 +263,10 @@ class Qwen2_5_VLMegatron(MegatronModule):
         return embeddings.transpose(0, 1).contiguous()
 
     def forward(self, input_ids, position_ids=None, pixel_values=None, image_grid_thw=None, attention_mask=None):
+        tp = self.config.tensor_model_parallel_size
+        if self.config.sequence_parallel and input_ids.shape[1] % tp:
+            raise ValueError(f"parallel.sequence_parallel splits the sequence over the {tp} tensor-parallel ranks: "
+                             f"the micro-batch length {input_ids.shape[1]} must be a multiple of {tp}; pad it")
         if position_ids is None:
             position_ids = mrope_position_ids(input_ids.cpu(), image_grid_thw, self.image_token_id,
                                               self.hf_config.vision_config.spatial_merge_size).to(input_ids.device)
