@@ -86,14 +86,15 @@ class MegatronActor:
 
         config = module.config
         # With the distributed optimizer, gradients are reduce-scattered and the updated weights all-gathered after
-        # each step. The reduce-scatter overlaps the backward pass (Megatron-LM's --overlap-grad-reduce, which its
-        # distributed-optimizer recipes set); the all-gather stays synchronous inside optimizer.step() (no
-        # --overlap-param-gather, which would defer it to the next forward pass), because the weight sync and the
-        # checkpoints read the weights right after the step. Same code on gloo (CPU) and NCCL.
-        distributed = self.use_distributed_optimizer
+        # each step. Both stay synchronous: no --overlap-grad-reduce, because a trained parameter that gets no
+        # gradient in a step (the vision tower on a mini-batch of text-only prompts) never marks its bucket ready,
+        # and megatron's bookkeeping then fails at the next zero_grad_buffer (AssertionError in
+        # param_and_grad_buffer.reset); no --overlap-param-gather, which would defer the all-gather to the next
+        # forward pass, while the weight sync and the checkpoints read the weights right after the step. Same code on
+        # gloo (CPU) and NCCL.
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed, overlap_grad_reduce=distributed,
-            overlap_param_gather=False,
+            grad_reduce_in_fp32=True, use_distributed_optimizer=self.use_distributed_optimizer,
+            overlap_grad_reduce=False, overlap_param_gather=False,
         )
         self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
         self.optimizer = get_megatron_optimizer(
@@ -101,7 +102,7 @@ class MegatronActor:
                 optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
                 adam_beta1=optim_cfg.adam_beta1, adam_beta2=optim_cfg.adam_beta2, adam_eps=optim_cfg.adam_eps,
                 clip_grad=optim_cfg.grad_clip, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
-                use_distributed_optimizer=distributed,
+                use_distributed_optimizer=self.use_distributed_optimizer,
             ),
             [self.model],
         )

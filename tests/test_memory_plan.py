@@ -158,7 +158,7 @@ def test_mssr_plan_prints_a_table_and_writes_json(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["tiny-tp1", "tiny-tp2", "tiny-dp2"])
+@pytest.mark.parametrize("case", ["tiny-tp1", "tiny-tp2", "tiny-dp2", "tiny-tp2-sp", "tiny-dp2-distopt"])
 def test_plan_is_within_15_percent_of_measured_cpu_peaks(case):
     from mssr_megatron.plan.measure import measure_case
 

@@ -19,14 +19,19 @@ import tempfile
 
 import torch
 
-# name -> (model size, tp, world size, micro-batch size, sequence tokens)
+# name -> (model size, tp, world size, micro-batch size, sequence tokens, parallel options)
+# options: "sp" = parallel.sequence_parallel, "distopt" = parallel.use_distributed_optimizer
 CASES = {
-    "tiny-tp1": ("tiny", 1, 1, 2, 96),
-    "tiny-tp2": ("tiny", 2, 2, 2, 96),
-    "tiny-dp2": ("tiny", 1, 2, 2, 96),
-    "100m-tp1": ("100m", 1, 1, 2, 256),
-    "100m-tp2": ("100m", 2, 2, 2, 256),
-    "100m-dp2": ("100m", 1, 2, 2, 256),
+    "tiny-tp1": ("tiny", 1, 1, 2, 96, ()),
+    "tiny-tp2": ("tiny", 2, 2, 2, 96, ()),
+    "tiny-dp2": ("tiny", 1, 2, 2, 96, ()),
+    "tiny-tp2-sp": ("tiny", 2, 2, 2, 96, ("sp",)),
+    "tiny-dp2-distopt": ("tiny", 1, 2, 2, 96, ("distopt",)),
+    "100m-tp1": ("100m", 1, 1, 2, 256, ()),
+    "100m-tp2": ("100m", 2, 2, 2, 256, ()),
+    "100m-dp2": ("100m", 1, 2, 2, 256, ()),
+    "100m-tp2-sp": ("100m", 2, 2, 2, 256, ("sp",)),
+    "100m-dp2-distopt": ("100m", 1, 2, 2, 256, ("distopt",)),
 }
 MAX_NEW_TOKENS = 16
 
@@ -43,7 +48,7 @@ def model_config(size: str):
                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}))
 
 
-def run_config(tp: int, micro_batch: int, seq: int):
+def run_config(tp: int, micro_batch: int, seq: int, options: tuple[str, ...] = ()):
     """The RunConfig the plan reads for a case (CPU dtype and layer spec, reference model on)."""
     from mssr_megatron.config import RunConfig
 
@@ -52,10 +57,13 @@ def run_config(tp: int, micro_batch: int, seq: int):
     cfg.parallel.tensor_model_parallel_size, cfg.parallel.micro_batch_size = tp, micro_batch
     cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens = seq - MAX_NEW_TOKENS, MAX_NEW_TOKENS
     cfg.optimizer.mini_batch_size = 2 * micro_batch
+    cfg.parallel.sequence_parallel = "sp" in options
+    cfg.parallel.use_distributed_optimizer = "distopt" in options
     return cfg
 
 
-def _worker(rank: int, size: str, tp: int, micro_batch: int, seq: int, out_dir: str) -> None:
+def _worker(rank: int, size: str, tp: int, micro_batch: int, seq: int, options: tuple[str, ...],
+            out_dir: str) -> None:
     from mssr_megatron.actor import MegatronActor
     from mssr_megatron.config import OptimizerConfig
     from mssr_megatron.parallel import destroy_megatron, init_megatron
@@ -63,7 +71,7 @@ def _worker(rank: int, size: str, tp: int, micro_batch: int, seq: int, out_dir: 
 
     init_megatron(tp, 1, seed=0)
     try:
-        hf_config, cfg = model_config(size), run_config(tp, micro_batch, seq)
+        hf_config, cfg = model_config(size), run_config(tp, micro_batch, seq, options)
         g = torch.Generator().manual_seed(rank)
         batches = [{"input_ids": torch.randint(10, 300, (micro_batch, seq), generator=g),
                     "position_ids": torch.arange(seq).expand(3, micro_batch, seq).clone(),
@@ -73,8 +81,9 @@ def _worker(rank: int, size: str, tp: int, micro_batch: int, seq: int, out_dir: 
             return -(logprobs.mean() + 0.01 * entropy.mean()), {}
 
         def run():
-            actor = MegatronActor(hf_config, cfg.model, OptimizerConfig(lr=1e-4, weight_decay=0.0), 10)
-            reference = MegatronActor(hf_config, cfg.model)
+            actor = MegatronActor(hf_config, cfg.model, OptimizerConfig(lr=1e-4, weight_decay=0.0), 10,
+                                  parallel_cfg=cfg.parallel)
+            reference = MegatronActor(hf_config, cfg.model, parallel_cfg=cfg.parallel)
             actor.token_logprobs(batches)
             reference.token_logprobs(batches)
             for _ in range(2):
@@ -100,15 +109,17 @@ def measure_case(name: str) -> dict:
     from mssr_megatron.plan.memory import plan_memory
     from mssr_megatron.plan.shapes import ModelShape
 
-    size, tp, world, micro_batch, seq = CASES[name]
+    size, tp, world, micro_batch, seq, options = CASES[name]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world, free_port(), (size, tp, micro_batch, seq, out_dir)), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, free_port(), (size, tp, micro_batch, seq, options, out_dir)), nprocs=world,
+                 join=True)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
     shape = ModelShape.from_dict(model_config(size).to_dict())
-    plan = plan_memory(run_config(tp, micro_batch, seq), shape, world, image_tokens=0, fused_adam=False)
+    plan = plan_memory(run_config(tp, micro_batch, seq, options), shape, world, image_tokens=0, fused_adam=False)
     planned = plan.total("training") - plan.line("engine").training
     measured = max(r["peak"] for r in ranks)
-    return {"case": name, "tp": tp, "world_size": world, "micro_batch_size": micro_batch, "sequence_tokens": seq,
+    return {"case": name, "tp": tp, "world_size": world, "options": list(options), "micro_batch_size": micro_batch,
+            "sequence_tokens": seq,
             "params_on_rank": ranks[0]["params"], "planned_params_on_rank": plan.inputs["params_on_rank"],
             "measured_bytes": measured, "planned_bytes": planned, "ratio": planned / measured,
             "lines": {line.key: line.training for line in plan.lines if line.key != "engine"}}
