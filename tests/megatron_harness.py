@@ -16,6 +16,17 @@ VOCAB = 331  # not divisible by any TP size > 1: exercises Megatron's vocabulary
 LAYERS = 4  # divisible by PP = 2
 
 
+def safetensors_in(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of the *.safetensors files in `directory` (an HF checkpoint folder), read with safetensors."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, name)))
+    return out
+
+
 def tiny_case(tied: bool, seed: int = 0):
     """(hf_config, hf_model, inputs) for a 2-prompt batch, each prompt with one 56x56-pixel image (4 merged tokens),
     right-padded to a common length. inputs holds what both models need (HF keys plus mrope position_ids)."""

@@ -19,22 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_harness import LAYERS, VOCAB, gather_tp_logits, hf_logits, megatron_batch, spawn, tiny_case
+from megatron_harness import (LAYERS, VOCAB, gather_tp_logits, hf_logits, megatron_batch, safetensors_in, spawn,
+                              tiny_case)
 from mssr_megatron.checkpoint.convert import ConversionError, hf_to_megatron, megatron_to_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
 WEIGHT_FILES = (".safetensors", ".safetensors.index.json")
-
-
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(directory, name)))
-    return out
 
 
 def _leftovers(path) -> list[str]:
@@ -172,7 +163,7 @@ def test_round_trip_reproduces_the_hf_directory(hf_dirs, round_trips, tied):
     from mssr_megatron.models.processor import load_processor
 
     source, back = hf_dirs[tied], round_trips[tied]
-    original, exported = _tensors(source), _tensors(back)
+    original, exported = safetensors_in(source), safetensors_in(back)
     assert sorted(exported) == sorted(original)
     assert ("lm_head.weight" in exported) == (not tied)
     for name, tensor in original.items():
@@ -211,7 +202,7 @@ def test_checkpoint_is_self_contained(hf_dirs, tied_ckpt):
     meta = json.loads(Path(tied_ckpt, "mssr_checkpoint.json").read_text())
     assert (meta["source_tp"], meta["source_pp"], meta["dtype"], meta["format_version"]) == (2, 1, "float32", 1)
     assert (meta["vocab_size"], meta["padded_vocab_size"], meta["tie_word_embeddings"]) == (VOCAB, 512, True)
-    assert sorted(meta["hf_tensors"]) == sorted(_tensors(hf_dirs[True]))
+    assert sorted(meta["hf_tensors"]) == sorted(safetensors_in(hf_dirs[True]))
     assert sorted(os.listdir(Path(tied_ckpt, "hf_config"))) == sorted(
         f for f in os.listdir(hf_dirs[True]) if not f.endswith(WEIGHT_FILES))
 

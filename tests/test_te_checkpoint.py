@@ -19,7 +19,7 @@ import types
 import pytest
 import torch
 
-from megatron_harness import LAYERS, VOCAB, spawn
+from megatron_harness import LAYERS, VOCAB, safetensors_in, spawn
 from mssr_megatron.checkpoint.convert import METADATA_FILE, layer_metadata
 from mssr_megatron.config import ModelConfig
 
@@ -94,16 +94,6 @@ def _te_checkpoint_worker(rank: int, hf_dir: str, ckpt_dir: str, out_dir: str) -
         destroy_megatron()
 
 
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(directory, name)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def te_checkpoint(tmp_path_factory):
     from mssr_megatron.models.tiny_hf import build_tiny_model_dir
@@ -118,7 +108,7 @@ def te_checkpoint(tmp_path_factory):
 
 @pytest.mark.slow
 def test_te_named_stage_loads_and_exports_through_the_table(te_checkpoint):
-    names, source = te_checkpoint.stage["names"], _tensors(te_checkpoint.hf)
+    names, source = te_checkpoint.stage["names"], safetensors_in(te_checkpoint.hf)
     assert "language_model.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
     assert "language_model.decoder.layers.3.mlp.linear_fc1.layer_norm_weight" in names
     assert not [n for n in names if "input_layernorm" in n or "pre_mlp_layernorm" in n]
@@ -151,7 +141,7 @@ def test_te_checkpoint_converts_to_hf_exactly(te_checkpoint, capsys):
     out = te_checkpoint.work / "hf_out"
     assert main(["--to", "hf", "--input", te_checkpoint.ckpt, "--output", str(out), "--quiet"]) == 0, \
         capsys.readouterr().err
-    converted, source = _tensors(out), _tensors(te_checkpoint.hf)
+    converted, source = safetensors_in(out), safetensors_in(te_checkpoint.hf)
     assert sorted(converted) == sorted(source)
     assert all(torch.equal(converted[k], source[k]) for k in source)
 

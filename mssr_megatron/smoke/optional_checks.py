@@ -1,6 +1,6 @@
 """Smoke checks of the optional GPU libraries, each SKIPPED (with the reason) where the library is not importable or
 there is no CUDA device: Transformer Engine (the TE layer spec's logits against transformers), SGLang and vLLM
-(the project's engine wrapper: generation and a verified weight sync). GPU-only: not run (no GPU was available);
+(the project's engine wrapper: generation, a weight sync, generation again). GPU-only: not run (no GPU was available);
 on this project's CPU machines every one of them is skipped."""
 
 from __future__ import annotations
@@ -40,22 +40,12 @@ def check_transformer_engine(opts: SmokeOptions) -> dict:
 
 def _check_engine(opts: SmokeOptions, name: str) -> dict:
     """The project's `name` engine on the tiny model: seeded generation, then a weight sync from a Megatron model
-    with verify=True, then generation again."""
-    import torch
-
+    (unverified: these engines report no checksums), then generation again."""
     lib = _require(name, opts)
-    from mssr_megatron.checkpoint.dist_io import HFTensors
-    from mssr_megatron.checkpoint.hf_bridge import load_hf_weights
-    from mssr_megatron.checkpoint.mapping import ModelDims
-    from mssr_megatron.config import ModelConfig, RolloutConfig
-    from mssr_megatron.models.provider import build_model
-    from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
-    from mssr_megatron.parallel import destroy_megatron, init_megatron
+    from mssr_megatron.config import RolloutConfig
     from mssr_megatron.rollout.factory import build_engine
     from mssr_megatron.rollout.protocol import SamplingParams
-    from mssr_megatron.rollout.weight_export import sync_weights
-    from mssr_megatron.run_context import load_hf_config
-    from mssr_megatron.smoke.run_checks import _requests, tiny_assets
+    from mssr_megatron.smoke.run_checks import _requests, sync_changed_weights, tiny_assets
 
     paths = tiny_assets(opts)
     engine = build_engine(RolloutConfig(engine=name, mem_fraction=0.3), paths["model"])
@@ -67,18 +57,9 @@ def _check_engine(opts: SmokeOptions, name: str) -> dict:
         first = engine.generate(requests, sampling)
         if any(r.finish_reason == "error" for r in first):
             raise AssertionError(f"{name} generation failed: {[r.error for r in first]}")
-        init_megatron(1, 1, seed=0, device="cuda")
-        try:
-            hf_config = load_hf_config(paths["model"])
-            model = build_model(hf_config, ModelConfig(params_dtype="float32"), opts.device)
-            dims = ModelDims.from_hf_config(hf_config, padded_vocab_size(hf_config.text_config.vocab_size, 1))
-            load_hf_weights(model, HFTensors(paths["model"]), dims)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.mul_(1.5)
-            sync = sync_weights(model, dims, engine, bucket_bytes=1 << 20, verify=True)
-        finally:
-            destroy_megatron()
+        # SGLang and vLLM report no per-weight checksums (sync_weights refuses verify=True for them): the check is
+        # that generation still works after the sync
+        sync = sync_changed_weights(opts, paths, engine, verify=False)
         after = engine.generate(requests, sampling)
         if any(r.finish_reason == "error" for r in after):
             raise AssertionError(f"{name} generation after the weight sync failed: {[r.error for r in after]}")
@@ -86,7 +67,7 @@ def _check_engine(opts: SmokeOptions, name: str) -> dict:
         engine.shutdown()
     tokens = sum(len(r.response_ids) for r in first)
     return dict(figure=f"{name} {getattr(lib, '__version__', '?')}: {len(first)} rollouts ({tokens} tokens); sync "
-                       f"{sync['sync/bytes'] / 1e6:.1f} MB verified ({sync['sync/gb_per_s']:.2f} GB/s)", sync=sync)
+                       f"{sync['sync/bytes'] / 1e6:.1f} MB ({sync['sync/gb_per_s']:.2f} GB/s)", sync=sync)
 
 
 def check_sglang(opts: SmokeOptions) -> dict:

@@ -86,20 +86,39 @@ def _requests(paths: dict, processor, n: int) -> list:
     return [build_request(r, data.prompt_template, processor) for r in records.records[:n]]
 
 
+def sync_changed_weights(opts: SmokeOptions, paths: dict, engine, verify: bool) -> dict:
+    """Sync a Megatron model of the tiny checkpoint, every weight scaled by 1.5 (other weights than the engine's, so
+    the sync has something to change), into `engine` on the smoke device; returns the sync's report."""
+    from mssr_megatron.checkpoint.dist_io import HFTensors
+    from mssr_megatron.checkpoint.hf_bridge import load_hf_weights
+    from mssr_megatron.checkpoint.mapping import ModelDims
+    from mssr_megatron.config import ModelConfig
+    from mssr_megatron.models.provider import build_model
+    from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+    from mssr_megatron.rollout.weight_export import sync_weights
+    from mssr_megatron.run_context import load_hf_config
+
+    init_megatron(1, 1, seed=0, device=opts.device.type)
+    try:
+        hf_config = load_hf_config(paths["model"])
+        model = build_model(hf_config, ModelConfig(params_dtype="float32"), opts.device)
+        dims = ModelDims.from_hf_config(hf_config, padded_vocab_size(hf_config.text_config.vocab_size, 1))
+        load_hf_weights(model, HFTensors(paths["model"]), dims)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)
+        return sync_weights(model, dims, engine, bucket_bytes=1 << 20, verify=verify)
+    finally:
+        destroy_megatron()
+
+
 def check_hf_engine(opts: SmokeOptions) -> dict:
     """The HF engine on the smoke device: seeded generation (twice: identical), then a weight sync from a Megatron
     model holding other weights, verified by checksums (sync_weights(verify=True)), then generation again; on CUDA
     also the memory freed by release_memory (GPU-only: not run (no GPU was available))."""
-    from mssr_megatron.checkpoint.dist_io import HFTensors
-    from mssr_megatron.config import ModelConfig
-    from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
-    from mssr_megatron.models.provider import build_model
-    from mssr_megatron.checkpoint.hf_bridge import load_hf_weights
-    from mssr_megatron.checkpoint.mapping import ModelDims
-    from mssr_megatron.parallel import destroy_megatron, init_megatron
     from mssr_megatron.rollout.hf_engine import HFEngine
     from mssr_megatron.rollout.protocol import SamplingParams
-    from mssr_megatron.rollout.weight_export import sync_weights
 
     paths = tiny_assets(opts)
     engine = HFEngine(paths["model"], device=opts.device, dtype="float32", max_batch_size=8)
@@ -109,18 +128,7 @@ def check_hf_engine(opts: SmokeOptions) -> dict:
     if any(r.finish_reason == "error" for r in first) or [r.response_ids for r in first] != [
             r.response_ids for r in again]:
         raise AssertionError(f"generation failed or is not reproducible: {[r.error for r in first]}")
-    init_megatron(1, 1, seed=0, device=opts.device.type)
-    try:
-        hf_config = engine.model.config
-        model = build_model(hf_config, ModelConfig(params_dtype="float32"), opts.device)
-        dims = ModelDims.from_hf_config(hf_config, padded_vocab_size(hf_config.text_config.vocab_size, 1))
-        load_hf_weights(model, HFTensors(paths["model"]), dims)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1.5)  # other weights than the engine's, so the sync has something to change
-        sync = sync_weights(model, dims, engine, bucket_bytes=1 << 20, verify=True)
-    finally:
-        destroy_megatron()
+    sync = sync_changed_weights(opts, paths, engine, verify=True)
     after = engine.generate(requests, sampling)
     if any(r.finish_reason == "error" for r in after):
         raise AssertionError(f"generation after the weight sync failed: {[r.error for r in after]}")
