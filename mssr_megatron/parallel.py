@@ -101,13 +101,17 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 0, backend: str = "auto"
     if backend == "auto":
         backend = "nccl" if on_gpu else "gloo"
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
+        init_method = None  # the launcher's world (env://: MASTER_ADDR, MASTER_PORT)
+        if "MASTER_PORT" not in os.environ:
+            # No launcher: a private world on a free port, given directly rather than through os.environ, so that
+            # processes this one starts later (tests, tools) do not inherit a port that this world's store holds.
+            init_method = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{free_port()}"
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tensor x pipeline parallel size {tp} x {pp}")

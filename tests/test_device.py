@@ -321,3 +321,22 @@ def test_trainer_runs_two_steps_on_cuda_with_nccl(tmp_path):
     assert [m["step"] for m in steps] == [1, 2]
     for m in steps:
         assert m["actor/update_skipped"] == 0.0 and m["actor/loss"] is not None and m["sync/bytes"] > 0
+
+
+def test_a_private_world_leaves_no_port_for_child_processes(monkeypatch):
+    """Without a launcher, init_megatron makes a one-process world on a free port without writing it to os.environ:
+    a later subprocess (a test's `mssr train`) that inherited MASTER_PORT found that port held (EADDRINUSE)."""
+    import os
+
+    import torch.distributed as dist
+
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+
+    for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    init_megatron(1, 1, seed=0, device="cpu")
+    try:
+        assert dist.get_world_size() == 1
+        assert "MASTER_PORT" not in os.environ and "MASTER_ADDR" not in os.environ
+    finally:
+        destroy_megatron()
