@@ -123,6 +123,11 @@ class RolloutConfig:
     hf_batch_size: int = 64
     """HF engine only: rollouts decoded together in one generate call (SGLang and vLLM batch by themselves)."""
 
+    @property
+    def weight_bucket_bytes(self) -> int:
+        """weight_bucket_mb in bytes: the size every weight sync packs its buckets to."""
+        return int(self.weight_bucket_mb * 2**20)
+
 
 @dataclass
 class BaselineConfig:

@@ -81,7 +81,8 @@ def _sharded_state(actor, loading: bool = False):
     """Model and optimizer as megatron sharded tensors. When loading, the optimizer first creates its (Adam) state
     so that the checkpoint has somewhere to go."""
     model_state = actor.module.sharded_state_dict()
-    metadata = {"distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_FORMAT} if actor.use_distributed_optimizer else None
+    metadata = ({"distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_FORMAT} if actor.use_distributed_optimizer
+                else None)
     return {"model": model_state,
             "optimizer": actor.optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=metadata)}
 
@@ -226,7 +227,7 @@ def maybe_resume(ctx) -> bool:
     else:
         log.warning("no RNG state for rank %d in %s (world size changed); RNG streams restart", _rank(), path)
     ctx.logger.resume(ctx.step)
-    sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, int(ctx.cfg.rollout.weight_bucket_mb * 2**20))
+    sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, ctx.cfg.rollout.weight_bucket_bytes)
     log.info("resumed from %s at step %d", path, ctx.step)
     return True
 

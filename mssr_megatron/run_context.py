@@ -152,7 +152,7 @@ def build_context(cfg: RunConfig) -> RunContext:
         reference = MegatronActor(hf_config, cfg.model, device=device, parallel_cfg=cfg.parallel)
         reference.load_hf_state(HFTensors(cfg.model.ref_hf_path or cfg.model.hf_path))
     with colocation.weight_update():  # the engine serves the policy's weights from here on
-        sync_weights(actor.module, actor.dims, engine, int(cfg.rollout.weight_bucket_mb * 2**20))
+        sync_weights(actor.module, actor.dims, engine, cfg.rollout.weight_bucket_bytes)
     algo = RLAlgorithm(cfg.algorithm)
     sampler = PromptSampler(len(train_set), cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     grader = RewardGrader(cfg.data.reward, num_workers=cfg.data.reward_workers, timeout_s=cfg.data.reward_timeout_s)

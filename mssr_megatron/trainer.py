@@ -93,7 +93,7 @@ def train_step(ctx: RunContext) -> dict[str, float]:
         with ctx.colocation.training():
             metrics.update(_train_on(ctx, exp, rows, timer))
         with timer("weight_sync"), ctx.colocation.weight_update():
-            metrics.update(sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, _bucket_bytes(cfg)))
+            metrics.update(sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, cfg.rollout.weight_bucket_bytes))
     metrics.update(timer.pop())
     return rl_step.from_last_stage(metrics)
 
@@ -180,10 +180,6 @@ def finish(ctx: RunContext) -> dict:
         summary["hf_export"] = run_checkpoint.export_hf(ctx)
     ctx.logger.log_summary(summary)
     return broadcast_object(summary)
-
-
-def _bucket_bytes(cfg: RunConfig) -> int:
-    return int(cfg.rollout.weight_bucket_mb * 2**20)
 
 
 def _mark_preempted(ctx: RunContext, signal_name: str | None) -> None:

@@ -223,7 +223,7 @@ def bench_weight_sync(ctx, *, warmup: int, repeats: int, device) -> dict:
     """sync_weights(actor -> engine) as the trainer calls it; bytes and GB/s from its own report."""
     from mssr_megatron.rollout.weight_export import sync_weights
 
-    bucket = int(ctx.cfg.rollout.weight_bucket_mb * 2**20)
+    bucket = ctx.cfg.rollout.weight_bucket_bytes
     reports = []
     result = measure(lambda: reports.append(sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, bucket)),
                      warmup=warmup, repeats=repeats, device=device)
