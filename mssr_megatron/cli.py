@@ -56,7 +56,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from mssr_megatron.config import load_config
-    from mssr_megatron.trainer import train
+    from mssr_megatron.train.trainer import train
 
     _setup_logging()
     cfg = load_config(args.config, args.overrides)

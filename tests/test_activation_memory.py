@@ -11,7 +11,7 @@ import torch
 
 from megatron_harness import spawn, tiny_case
 from mssr_megatron.config import ModelConfig, ParallelConfig, RunConfig
-from mssr_megatron.experience import Experience, sequence_multiple
+from mssr_megatron.train.experience import Experience, sequence_multiple
 
 BIG_VOCAB = 4099  # the logits dominate the step's memory, so the op's buffer shows in the peak
 
@@ -50,7 +50,7 @@ def _ctx(**parallel) -> types.SimpleNamespace:
 
 
 def test_microbatches_are_cut_to_their_own_longest_row():
-    from mssr_megatron import rl_step
+    from mssr_megatron.train import rl_step
 
     exp = _experience([5, 3, 30, 9, 17, 17], width=32)
     ctx = _ctx()
@@ -61,7 +61,7 @@ def test_microbatches_are_cut_to_their_own_longest_row():
 
 
 def test_pipeline_passes_share_one_width_and_it_is_not_the_steps_longest():
-    from mssr_megatron import rl_step
+    from mssr_megatron.train import rl_step
 
     exp = _experience([5, 3, 12, 9, 30, 2], width=32)
     ctx = _ctx(pipeline_model_parallel_size=2)
@@ -81,7 +81,7 @@ def test_sequence_multiple_follows_fp8_and_sequence_parallelism():
 
 
 def test_update_policy_cuts_the_per_token_tensors_to_each_microbatch():
-    from mssr_megatron import rl_step
+    from mssr_megatron.train import rl_step
 
     exp = _experience([5, 4, 30, 9], width=32)
     seen = []
@@ -114,8 +114,8 @@ def test_update_policy_cuts_the_per_token_tensors_to_each_microbatch():
 
 
 def _same_results_worker(rank: int, out: str) -> None:
-    from mssr_megatron import rl_step
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train import rl_step
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.config import OptimizerConfig
     from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
     from mssr_megatron.models.tiny_hf import tiny_qwen2_5_vl_config
@@ -151,7 +151,7 @@ def _same_results_worker(rank: int, out: str) -> None:
         finally:
             rl_step.microbatches = original
         # Peak bytes the fused op allocates inside the actor's log-prob pass over one micro-batch of 2 x 400 tokens.
-        import mssr_megatron.actor as actor_module
+        import mssr_megatron.train.actor as actor_module
 
         op, peaks = actor_module.vocab_parallel_logprobs_entropy, []
 

@@ -71,7 +71,7 @@ def test_mfu_and_rates_arithmetic():
 
 
 def test_step_recorder_records_and_restores(monkeypatch):
-    from mssr_megatron import rl_step
+    from mssr_megatron.train import rl_step
     from mssr_megatron.bench.phases import StepRecorder
 
     monkeypatch.setattr(rl_step, "generate", lambda ctx, records, sampling: ["rollout"])
@@ -104,11 +104,11 @@ def assets(tmp_path_factory):
 
 
 def _hf_logprob_worker(rank: int, config_overrides: list, out: str) -> None:
-    from mssr_megatron import trainer
+    from mssr_megatron.train import trainer
     from mssr_megatron.bench.hf_baseline import HFBaseline
     from mssr_megatron.bench.phases import StepRecorder, rollout_shapes
     from mssr_megatron.config import load_config
-    from mssr_megatron.run_context import build_context
+    from mssr_megatron.train.run_context import build_context
 
     ctx = build_context(load_config("examples/configs/tiny_cpu.yaml", config_overrides))
     try:
@@ -117,7 +117,7 @@ def _hf_logprob_worker(rank: int, config_overrides: list, out: str) -> None:
             trainer.train_step(ctx)
         (_, actor, exp, rows, temperature), _, (megatron_lp, _) = rec.last.first("token_logprobs")
         # The policy changed in the update: recompute Megatron's log-probs and sync the engine (the HF start point).
-        from mssr_megatron import rl_step
+        from mssr_megatron.train import rl_step
         from mssr_megatron.rollout.weight_export import sync_weights
 
         megatron_lp, _ = rl_step.token_logprobs(ctx, ctx.actor, exp, rows, temperature)

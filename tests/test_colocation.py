@@ -24,11 +24,11 @@ def _held_bytes(engine) -> int:
 def _recording_worker(rank: int, runs: list, out_dir: str) -> None:
     """Train each run, recording engine calls, model construction and the phases of a step in order; the engine's
     memory is measured inside the log-prob and update phases."""
-    from mssr_megatron import rl_step
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train import rl_step
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.config import load_config
     from mssr_megatron.rollout.hf_engine import HFEngine
-    from mssr_megatron.trainer import train
+    from mssr_megatron.train.trainer import train
 
     events: list[str] = []
     engines: list[HFEngine] = []

@@ -156,8 +156,8 @@ def test_build_model_refuses_a_gpu_that_is_not_the_current_one(monkeypatch):
 def test_update_policy_gives_the_loss_its_tensors_on_the_actors_device(monkeypatch):
     from megatron.core import parallel_state as ps
 
-    from mssr_megatron import rl_step
-    from mssr_megatron.experience import Experience
+    from mssr_megatron.train import rl_step
+    from mssr_megatron.train.experience import Experience
 
     monkeypatch.setattr(ps, "get_data_parallel_world_size", lambda *a, **k: 1)
     rows, width = 4, 5
@@ -195,7 +195,7 @@ def test_update_policy_gives_the_loss_its_tensors_on_the_actors_device(monkeypat
 
 
 def _placement_worker(rank: int, out_dir: str) -> None:
-    from mssr_megatron.actor import MegatronActor, shifted_logprobs
+    from mssr_megatron.train.actor import MegatronActor, shifted_logprobs
     from mssr_megatron.config import ModelConfig
     from mssr_megatron.models.tiny_hf import published_state_dict
     from mssr_megatron.parallel import destroy_megatron, init_megatron
@@ -238,7 +238,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _cuda_worker(rank: int, out_dir: str) -> None:
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.config import ModelConfig, OptimizerConfig
     from mssr_megatron.models.tiny_hf import published_state_dict
     from mssr_megatron.parallel import destroy_megatron, init_megatron
@@ -296,7 +296,7 @@ def test_actor_trains_on_cuda_from_cpu_microbatches(tmp_path):
 
 def _train_worker(rank: int, config_path: str, extra: list) -> None:
     from mssr_megatron.config import load_config
-    from mssr_megatron.trainer import train
+    from mssr_megatron.train.trainer import train
 
     train(load_config(config_path, extra))
 

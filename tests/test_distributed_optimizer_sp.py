@@ -29,7 +29,7 @@ def _train(actor, inputs, rows: list[int], steps: int) -> list[dict]:
 
 
 def _actor(tp: int, sp: bool, distributed: bool, dtype: str = "float32"):
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
     from mssr_megatron.models.tiny_hf import published_state_dict
 
@@ -135,7 +135,7 @@ def test_dp2_with_the_distributed_optimizer_trains_as_dp1_in_bfloat16(tmp_path):
 def _resume_worker(rank: int, resume: bool, out_dir: str) -> None:
     """DP2 with the distributed optimizer: 2 steps, save, 1 more step; or load that checkpoint and take the step."""
     from mssr_megatron.parallel import destroy_megatron, init_megatron
-    from mssr_megatron.run_checkpoint import load_model_and_optimizer, save_model_and_optimizer
+    from mssr_megatron.train.run_checkpoint import load_model_and_optimizer, save_model_and_optimizer
 
     init_megatron(1, 1, seed=0)
     try:

@@ -57,7 +57,7 @@ def _worker(rank: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from mssr_megatron import rl_step
+    from mssr_megatron.train import rl_step
     from mssr_megatron.parallel import destroy_megatron, init_megatron
     from mssr_megatron.rollout.protocol import SamplingParams
 

@@ -127,7 +127,7 @@ def test_actor_training_setup_calls_bind(hf_config, monkeypatch, path, impl, fp8
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.models.qwen2_5_vl import language_config
 
     cfg = _run_config(path, impl, fp8)

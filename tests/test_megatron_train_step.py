@@ -10,7 +10,7 @@ from megatron_harness import per_row_microbatches, spawn, tiny_case
 
 
 def _train_worker(rank: int, tp: int, pp: int, recompute: bool, out_dir: str) -> None:
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.config import ModelConfig, OptimizerConfig
     from mssr_megatron.models.tiny_hf import published_state_dict
     from mssr_megatron.parallel import destroy_megatron, init_megatron

@@ -79,7 +79,7 @@ def _rank_env_worker(rank: int, model: str, data: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from mssr_megatron.config import load_config
-    from mssr_megatron.run_context import build_context
+    from mssr_megatron.train.run_context import build_context
 
     class Started(Exception):
         pass

@@ -92,7 +92,7 @@ def test_published_configs_name_a_local_placeholder(name):
      "it at a local Hugging Face Qwen2.5-VL directory (the published configs hold a placeholder path to replace"),
 ])
 def test_trainer_refuses_a_hub_id_or_missing_path(hf_path, expected):
-    from mssr_megatron.run_context import load_hf_config
+    from mssr_megatron.train.run_context import load_hf_config
 
     with pytest.raises(FileNotFoundError) as info:
         load_hf_config(hf_path)
@@ -101,7 +101,7 @@ def test_trainer_refuses_a_hub_id_or_missing_path(hf_path, expected):
 
 def test_a_local_directory_named_like_a_hub_id_is_used(tmp_path, monkeypatch):
     from mssr_megatron.models.tiny_hf import build_tiny_model_dir
-    from mssr_megatron.run_context import load_hf_config
+    from mssr_megatron.train.run_context import load_hf_config
 
     build_tiny_model_dir(str(tmp_path / "Qwen" / "tiny"), seed=0)
     monkeypatch.chdir(tmp_path)

@@ -152,7 +152,7 @@ def test_run_checkpoint_metadata_records_the_layer_implementation(tmp_path, monk
 
     from mssr_megatron.checkpoint.mapping import ModelDims
     from mssr_megatron.models.tiny_hf import build_tiny_model_dir, tiny_qwen2_5_vl_config
-    from mssr_megatron.run_checkpoint import _write_conversion_metadata
+    from mssr_megatron.train.run_checkpoint import _write_conversion_metadata
 
     hf_dir = build_tiny_model_dir(tmp_path / "hf", seed=0, num_layers=2)
     monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 2)

@@ -27,7 +27,7 @@ def assets(tmp_path_factory):
 
 def _train_worker(rank: int, runs: list) -> None:
     from mssr_megatron.config import load_config
-    from mssr_megatron.trainer import train
+    from mssr_megatron.train.trainer import train
 
     for config_path, extra in runs:
         train(load_config(config_path, extra))
@@ -104,7 +104,7 @@ def test_bad_config_fails_before_any_work_with_one_line(tmp_path, assets, capsys
 def _nan_worker(rank: int, config_path: str, extra: list, out_dir: str) -> None:
     from mssr_megatron.algorithms.pipeline import RLAlgorithm
     from mssr_megatron.config import load_config
-    from mssr_megatron.trainer import train
+    from mssr_megatron.train.trainer import train
 
     original = RLAlgorithm.loss
 

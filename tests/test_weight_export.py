@@ -31,7 +31,7 @@ class RecordingEngine:
 
 
 def _export_worker(rank: int, tp: int, pp: int, out_dir: str) -> None:
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.config import ModelConfig
     from mssr_megatron.models.tiny_hf import published_state_dict
     from mssr_megatron.parallel import destroy_megatron, init_megatron
@@ -93,7 +93,7 @@ def test_export_reproduces_the_hf_state_dict(tmp_path, tp, pp):
 def _engine_worker(rank: int, model_dir: str, out_dir: str) -> None:
     from megatron_harness import gather_tp_logits, megatron_batch
 
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.config import ModelConfig
     from mssr_megatron.models.provider import run_microbatches
     from mssr_megatron.models.tiny_hf import published_state_dict

@@ -31,7 +31,7 @@ class TouchEngine:
 
 def _worker(rank: int, args, out_path: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.tp * args.pp))
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.config import ModelConfig
     from mssr_megatron.models.tiny_hf import tiny_qwen2_5_vl_config
     from mssr_megatron.parallel import destroy_megatron, init_megatron

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from mssr_megatron.actor import shifted_logprobs
+from mssr_megatron.train.actor import shifted_logprobs
 
 
 class HFBaseline:

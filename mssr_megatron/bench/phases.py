@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from mssr_megatron import rl_step
+from mssr_megatron.train import rl_step
 from mssr_megatron.bench import flops as F
 from mssr_megatron.profiling import peak_allocated_bytes, timings
 

@@ -77,7 +77,7 @@ class _Progress:
 
 def benchmark(cfg, *, warmup: int = 1, repeats: int = 5, hf_compare: bool = True, command: str = "") -> dict | None:
     """Run the benchmark for a loaded RunConfig; the result dict on rank 0, None elsewhere."""
-    from mssr_megatron.run_context import build_context
+    from mssr_megatron.train.run_context import build_context
 
     run_dir = cfg.trainer.output_dir
     cfg.trainer.output_dir = os.path.join(run_dir, "bench")  # config.yaml of the bench, apart from a real run's
@@ -92,7 +92,7 @@ def benchmark(cfg, *, warmup: int = 1, repeats: int = 5, hf_compare: bool = True
 
 
 def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, command: str) -> dict | None:
-    from mssr_megatron import trainer
+    from mssr_megatron.train import trainer
     from mssr_megatron.bench import device as D
     from mssr_megatron.bench import flops as F
     from mssr_megatron.bench import phases as P

@@ -64,7 +64,7 @@ def run_config(tp: int, micro_batch: int, seq: int, options: tuple[str, ...] = (
 
 def _worker(rank: int, size: str, tp: int, micro_batch: int, seq: int, options: tuple[str, ...],
             out_dir: str) -> None:
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.config import OptimizerConfig
     from mssr_megatron.parallel import destroy_megatron, init_megatron
     from mssr_megatron.profiling import peak_allocated_bytes

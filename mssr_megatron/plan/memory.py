@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from mssr_megatron.experience import sequence_multiple
+from mssr_megatron.train.experience import sequence_multiple
 from mssr_megatron.plan.shapes import ModelShape
 
 GB = 10 ** 9  # decimal gigabytes, as GPU memory is sold ("80 GB"; an H100 80GB reports 79.2 GiB to torch)

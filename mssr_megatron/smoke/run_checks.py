@@ -47,7 +47,7 @@ def check_rl_steps(opts: SmokeOptions) -> dict:
     """3 RL steps of the tiny default (examples/configs/tiny_cpu.yaml) through trainer.train, with validation before
     and after; on CUDA with trainer.device=cuda (GPU-only: not run (no GPU was available))."""
     from mssr_megatron.config import load_config
-    from mssr_megatron.trainer import train
+    from mssr_megatron.train.trainer import train
 
     run_dir = os.path.join(opts.run_dir, "rl_steps")
     overrides = _run_overrides(tiny_assets(opts), run_dir, opts.device.type) + [
@@ -97,7 +97,7 @@ def sync_changed_weights(opts: SmokeOptions, paths: dict, engine, verify: bool) 
     from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
     from mssr_megatron.parallel import destroy_megatron, init_megatron
     from mssr_megatron.rollout.weight_export import sync_weights
-    from mssr_megatron.run_context import load_hf_config
+    from mssr_megatron.train.run_context import load_hf_config
 
     init_megatron(1, 1, seed=0, device=opts.device.type)
     try:

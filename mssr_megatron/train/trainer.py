@@ -17,11 +17,11 @@ import signal
 
 import torch
 
-from mssr_megatron import rl_step
+from mssr_megatron.train import rl_step
 from mssr_megatron.config import RunConfig
 from mssr_megatron.metrics import StepTimer
 from mssr_megatron.rollout.weight_export import sync_weights
-from mssr_megatron.run_context import RunContext, broadcast_object, build_context
+from mssr_megatron.train.run_context import RunContext, broadcast_object, build_context
 
 log = logging.getLogger("mssr")
 PREEMPTED_MARKER = "PREEMPTED"
@@ -38,7 +38,7 @@ def train(cfg: RunConfig) -> dict:
 
 
 def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
-    from mssr_megatron import run_checkpoint
+    from mssr_megatron.train import run_checkpoint
 
     cfg = ctx.cfg
     _mark_preempted(ctx, None)
@@ -175,7 +175,7 @@ def finish(ctx: RunContext) -> dict:
                "final_val_accuracy": val[-1] if val else None, "best_val_accuracy": max(val) if val else None,
                "run_dir": ctx.run_dir}
     if ctx.cfg.checkpoint.export_hf_at_end:
-        from mssr_megatron import run_checkpoint
+        from mssr_megatron.train import run_checkpoint
 
         summary["hf_export"] = run_checkpoint.export_hf(ctx)
     ctx.logger.log_summary(summary)

@@ -101,7 +101,7 @@ def load_hf_config(model_dir: str):
 
 def build_context(cfg: RunConfig) -> RunContext:
     """Set up the whole run. Config and data problems are raised here, before any model is built."""
-    from mssr_megatron.actor import MegatronActor
+    from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.algorithms.pipeline import RLAlgorithm
     from mssr_megatron.checkpoint.dist_io import HFTensors
     from mssr_megatron.data.prompts import load_split

@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from mssr_megatron.algorithms.losses import kl_penalty, masked_mean
-from mssr_megatron.experience import Experience, build_experience, sequence_multiple
+from mssr_megatron.train.experience import Experience, build_experience, sequence_multiple
 from mssr_megatron.rollout.logprob_agreement import logprob_mismatch
 from mssr_megatron.rollout.protocol import SamplingParams
 from mssr_megatron.parallel import wait_for_driver
-from mssr_megatron.run_context import RunContext
+from mssr_megatron.train.run_context import RunContext
 
 
 def sampling_params(ctx: RunContext, *, validation: bool = False, seed: int | None = None) -> SamplingParams:

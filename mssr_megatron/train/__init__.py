@@ -1,0 +1,9 @@
+"""The training layer: the RL loop (`trainer`) and what it calls, one module per concern.
+
+    trainer          the loop, top to bottom; preemption and the run summary
+    rl_step          the pieces of one step (generate, grade, experience, log-probs, updates)
+    run_context      everything a run holds, built once from the config
+    run_checkpoint   save / resume of the whole run (model, optimizer, tracker, sampler, RNG)
+    actor            a Megatron model with its optimizer: log-probs and train steps over micro-batches
+    experience       the step's rollouts as padded training tensors
+"""
