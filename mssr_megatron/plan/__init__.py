@@ -1,9 +1,11 @@
 """Per-rank memory plan of a run (`mssr plan`), and the checks `mssr launch` and `mssr train` make with it.
 
     mssr plan CONFIG [--gpu-memory-gb 80] [--world-size 8] [--json PATH] [key=value ...]
+    mssr plan CONFIG --step-time [--nodes 1 --gpus-per-node 8 --gen-tokens-per-gpu ...] [--json PATH]
 
 shapes.py reads the model's sizes from its config.json; memory.py turns a RunConfig into the plan's lines;
-report.py formats it, searches settings that fit and raises the refusal; measure.py checks it against CPU peaks.
+report.py formats it, searches settings that fit and raises the refusal; measure.py checks it against CPU peaks;
+step_time.py models the time of one RL step per rollout-engine placement (docs/step_time.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from mssr_megatron.plan.memory import GB, MemoryPlan, plan_memory
 from mssr_megatron.plan.report import check_fits, fitting_settings, format_plan
 from mssr_megatron.plan.shapes import ModelShape, resolve_config_json
+from mssr_megatron.plan.step_time import add_step_time_arguments, format_step_time, inputs_from_args, step_time
 
 __all__ = ["GB", "MemoryPlan", "ModelShape", "plan_memory", "check_fits", "format_plan", "add_plan_arguments",
            "run_plan", "check_launch", "check_training_start"]
@@ -35,6 +38,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-tokens", type=int, default=None,
                         help="image tokens per rollout (default: half of data.max_prompt_tokens)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON here")
+    add_step_time_arguments(parser)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -42,6 +46,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from mssr_megatron.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.step_time:
+        return _run_step_time(args, cfg)
     cfg.validate(world_size=args.world_size)
     source = resolve_config_json(cfg.model.hf_path, args.model_config)
     shape = ModelShape.from_config_json(source)
@@ -55,6 +61,22 @@ def run_plan(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({**plan.to_dict(), "config": args.config, "model_config": source,
                        "settings_that_fit": fixes}, f, indent=1)
+    return 0
+
+
+def _run_step_time(args: argparse.Namespace, cfg) -> int:
+    """`mssr plan --step-time`: the step-time table of `cfg` on --nodes x --gpus-per-node GPUs (+ JSON)."""
+    world_size = args.nodes * args.gpus_per_node
+    cfg.validate(world_size=world_size)
+    source = resolve_config_json(cfg.model.hf_path, args.model_config)
+    with open(source) as f:
+        config = json.load(f)
+    model = step_time(cfg, config, inputs_from_args(args))
+    shown = os.path.relpath(source) if not os.path.relpath(source).startswith("..") else source
+    print(format_step_time(model, f"step-time model of {args.config} (model shape: {shown}), seconds per RL step"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**model.to_dict(), "config": args.config, "model_config": source}, f, indent=1)
     return 0
 
 
