@@ -11,8 +11,8 @@ for the rollouts, the engines wait for the update and the weight sync); each tak
                    prefill is inside it)
   generation tail  (rollout.max_new_tokens - mean response tokens) / one sequence's decode rate: the extra time of
                    the longest response, which decodes alone once its engine's queue has drained. An explicit,
-                   simple term: it assumes every engine has one response that runs to the cap and starts it last.
-                   It is the same for every placement, so more engines shrink the bulk, never the tail
+                   rough term, not a bound: every engine has one response that runs to the cap and is among the
+                   last to start. The same for every placement: more engines shrink the bulk, never the tail
   log-prob passes  passes x forward FLOPs of the step's sequences / (training GPUs x achieved FLOP/s per GPU):
                    the old policy, the reference when a KL term needs it, the SPO rule's post-update pass
   update           ppo_epochs x training FLOPs (forward + backward) / (training GPUs x achieved FLOP/s per GPU)
