@@ -13,6 +13,8 @@
                                                           SLURM batch script (examples/slurm) written and submitted
     mssr plan CONFIG [--gpu-memory-gb 80] [--world-size 8] [--json F] [key=value ...]
                                                           per-rank memory plan; settings that fit when it does not
+    mssr plan CONFIG --step-time [--nodes N --gpus-per-node G --gen-tokens-per-gpu R ...]
+                                                          time of one RL step per engine placement (single/per_node)
 """
 
 from __future__ import annotations

@@ -69,6 +69,16 @@ def test_small_case_by_hand():
     assert model.modes["single"].share("generation") == pytest.approx(5.6 / 18.35)
 
 
+def test_training_tokens_per_gpu_replaces_mfu_by_hand():
+    inputs = StepTimeInputs(nodes=2, gpus_per_node=4, train_tokens_per_gpu=35.0, mean_prompt_tokens=6,
+                            mean_image_tokens=0, mean_response_tokens=4)
+    seconds = step_time(small_run_config(), SMALL_CONFIG, inputs).modes["single"].seconds
+    # update: 14 rollouts x 10 tokens / (8 GPUs x 35 tokens/s); a forward is a third of the training FLOPs,
+    # so the two log-prob passes take 2 x 14 x 10 / (8 x 35 x 3)
+    assert seconds["update"] == pytest.approx(0.5)
+    assert seconds["logprobs"] == pytest.approx(1 / 3)
+
+
 def test_a_placement_that_needs_more_gpus_than_the_cluster_is_not_tabled():
     cfg = small_run_config()
     cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
@@ -77,6 +87,11 @@ def test_a_placement_that_needs_more_gpus_than_the_cluster_is_not_tabled():
     model = step_time(cfg, SMALL_CONFIG, inputs)
     assert set(model.modes) == {"single", "per_node"}
     assert model.unavailable == {"per_dp_group": "4 engines x engine TP 2 need more than the cluster's 4 GPUs"}
+
+
+def test_a_rate_that_is_not_positive_is_refused_by_name():
+    with pytest.raises(ValueError, match="--gen-tokens-per-gpu must be positive"):
+        step_time(small_run_config(), SMALL_CONFIG, StepTimeInputs(gen_tokens_per_gpu=0.0, mean_image_tokens=0))
 
 
 @pytest.mark.parametrize("mode, nodes, gpus_per_node, engine_tp, dp, engines", [

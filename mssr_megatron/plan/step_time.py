@@ -146,10 +146,29 @@ def _value(inputs: StepTimeInputs, name: str, flag: str) -> tuple[float, str]:
     return (given, flag) if given is not None else DEFAULTS[name]
 
 
-def step_time(cfg, config: dict, inputs: StepTimeInputs) -> StepTimeModel:
-    """The model of one step of `cfg` (a validated RunConfig) for the model of config.json dict `config`."""
+def _training_rate(cfg, inputs: StepTimeInputs, train_flops_per_token: float) -> tuple[float, tuple[str, str, str]]:
+    """Achieved FLOP/s per GPU of the log-prob passes and the update, and its input row: the given training
+    tokens/s x FLOPs per token, else MFU x peak (default: the H100 SXM datasheet at the config's precision)."""
     from mssr_megatron.bench.device import datasheet_peak, precision_of
 
+    if inputs.train_tokens_per_gpu is not None:
+        rate = inputs.train_tokens_per_gpu * train_flops_per_token
+        return rate, ("training rate", f"{inputs.train_tokens_per_gpu:g} tokens/s per GPU = {rate / 1e12:.1f} "
+                                       "TFLOP/s per GPU", "--train-tokens-per-gpu")
+    if inputs.peak_tflops is not None:
+        peak, peak_source = inputs.peak_tflops * 1e12, "--peak-tflops"
+    else:
+        precision = precision_of(cfg.model.params_dtype, cfg.model.fp8)
+        peak, peak_source = datasheet_peak("H100 SXM", precision) or (None, None)
+        if peak is None:
+            raise ValueError(f"step time: no H100 datasheet peak for precision {precision}: pass --peak-tflops")
+    mfu, mfu_source = _value(inputs, "train_mfu", "--train-mfu")
+    return mfu * peak, ("training rate", f"MFU {mfu:g} x {peak / 1e12:g} TFLOP/s = {mfu * peak / 1e12:.1f} TFLOP/s "
+                                         "per GPU", f"MFU: {mfu_source}; peak: {peak_source}")
+
+
+def step_time(cfg, config: dict, inputs: StepTimeInputs) -> StepTimeModel:
+    """The model of one step of `cfg` (a validated RunConfig) for the model of config.json dict `config`."""
     r, a, p = cfg.rollout, cfg.algorithm, cfg.parallel
     gpus = inputs.nodes * inputs.gpus_per_node
     dp = gpus // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
@@ -175,27 +194,19 @@ def step_time(cfg, config: dict, inputs: StepTimeInputs) -> StepTimeModel:
         if ESTIMATORS.get(a.estimator).uses_tracker:  # the rule's drift needs the policy after the update
             passes.append("SPO post-update")
 
-    precision = precision_of(cfg.model.params_dtype, cfg.model.fp8)
-    if inputs.peak_tflops is not None:
-        peak, peak_source = inputs.peak_tflops * 1e12, "--peak-tflops"
-    else:
-        peak, peak_source = datasheet_peak("H100 SXM", precision) or (None, None)
-        if peak is None:
-            raise ValueError(f"no H100 datasheet peak for precision {precision}: pass --peak-tflops")
-    if inputs.train_tokens_per_gpu is not None:
-        flop_rate = inputs.train_tokens_per_gpu * train / seq
-        rate_row = ("training rate", f"{inputs.train_tokens_per_gpu:g} tokens/s per GPU = "
-                    f"{flop_rate / 1e12:.1f} TFLOP/s per GPU", "--train-tokens-per-gpu")
-    else:
-        mfu, mfu_source = _value(inputs, "train_mfu", "--train-mfu")
-        flop_rate = mfu * peak
-        rate_row = ("training rate", f"MFU {mfu:g} x {peak / 1e12:g} TFLOP/s = {flop_rate / 1e12:.1f} TFLOP/s per GPU",
-                    f"MFU: {mfu_source}; peak: {peak_source}")
+    flop_rate, rate_row = _training_rate(cfg, inputs, train / seq)
     gen_rate, gen_source = _value(inputs, "gen_tokens_per_gpu", "--gen-tokens-per-gpu")
     tail_rate, tail_source = _value(inputs, "tail_tokens_per_s", "--tail-tokens-per-s")
     sync_name = "sync_gbps_ipc" if r.colocate else "sync_gbps_nccl"
     sync_gbps, sync_source = _value(inputs, sync_name, "--" + sync_name.replace("_", "-"))
     weight_bytes = ModelShape.from_dict(config).total_params() * ENGINE_BYTES_PER_PARAM
+    for flag, value in (("--gen-tokens-per-gpu", gen_rate), ("--train-mfu/--peak-tflops/--train-tokens-per-gpu",
+                        flop_rate), (f"--{sync_name.replace('_', '-')}", sync_gbps), ("--nodes", inputs.nodes),
+                        ("--gpus-per-node", inputs.gpus_per_node)):
+        if value <= 0:
+            raise ValueError(f"step time: {flag} must be positive (got a rate or count of {value:g})")
+    if tail_rate < 0:
+        raise ValueError(f"step time: --tail-tokens-per-s must be >= 0 (0 leaves the tail out), got {tail_rate:g}")
 
     shared = {"generation_tail": (r.max_new_tokens - response) / tail_rate if tail_rate else 0.0,
               "logprobs": len(passes) * rollouts * forward["total"] / (gpus * flop_rate),
