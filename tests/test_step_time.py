@@ -166,3 +166,12 @@ def test_every_7b_config_has_the_mssr_configs_step_time(path, tmp_path):
         return json.loads(out.read_text())["modes"]
 
     assert seconds(os.path.relpath(path, ROOT)) == seconds("examples/configs/qwen2_5_vl_7b_mssr.yaml")
+
+
+def test_docs_state_the_codes_defaults():
+    from mssr_megatron.plan.step_time import DEFAULTS
+
+    rows = {line.split("|")[2].strip(): line.split("|")[3].strip()
+            for line in open(os.path.join(ROOT, "docs", "step_time.md")) if line.startswith("| ") and "`--" in line}
+    for name, (value, _) in DEFAULTS.items():
+        assert float(rows["`--" + name.replace("_", "-") + "`"]) == value, name
