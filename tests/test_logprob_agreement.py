@@ -69,6 +69,7 @@ def _dp_worker(rank: int, out_dir: str) -> None:
         destroy_megatron()
 
 
+@pytest.mark.slow
 def test_mismatch_at_two_data_parallel_ranks_is_the_token_mean_over_every_row(tmp_path):
     from megatron_harness import spawn
 
