@@ -204,6 +204,10 @@ class AlgorithmConfig:
     """Entropy bonus: loss -= entropy_coef * token-mean entropy (ablation; 0 = off)."""
     crossmodal_coef: float = 0.0
     """Cross-modal regulariser KL(pi(.|text, image) || pi(.|text only)) added with its gradient (ablation; 0 = off)."""
+    rollout_correction: Literal["none", "tis"] = "none"
+    """Engine/trainer mismatch correction of the policy loss: 'tis' = truncated importance sampling; 'none' = off."""
+    tis_cap: float = 2.0
+    """TIS cap C (>= 1): each token's pg loss is weighted by min(exp(logp_trainer - logp_rollout_engine), C)."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     """Per-prompt Beta baseline tracker (MSSR/MVSR)."""
 
@@ -294,6 +298,10 @@ class TrainerConfig:
     """Run directory: resolved config, logs, checkpoints, exported model."""
     max_nonfinite_steps: int = 3
     """Abort after this many consecutive steps with a non-finite loss or gradient (skipped steps)."""
+    max_logprob_mismatch: float | None = None
+    """Alarm threshold on a step's mean |engine - trainer| log-prob difference (nats, global batch); null = off."""
+    on_logprob_mismatch: Literal["warn", "stop"] = "warn"
+    """What the mismatch alarm does: log a warning, or save a checkpoint and stop the run."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: 'auto' = CUDA when available."""
 

@@ -80,7 +80,7 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
               "optimizer.lr", "optimizer.adam_eps", "optimizer.mini_batch_size", "optimizer.ppo_epochs",
               "optimizer.lr_decay_steps", "data.prompts_per_step", "data.max_prompt_tokens", "data.reward_timeout_s",
               "data.val_size", "trainer.total_steps", "logging.log_every", "model.fp8_amax_history_len",
-              "model.logprob_chunk_tokens")
+              "model.logprob_chunk_tokens", "trainer.max_logprob_mismatch")
     _non_negative(cfg, "model.attention_dropout", "model.hidden_dropout", "model.fp8_margin", "rollout.val_temperature",
                   "algorithm.shaping_alpha", "algorithm.grpo_eps", "algorithm.kl_loss_coef", "algorithm.kl_reward_coef",
                   "algorithm.entropy_coef", "algorithm.crossmodal_coef", "algorithm.baseline.init_rollouts",
@@ -133,6 +133,10 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
     _require(a.clip_ratio_high > 0, f"algorithm.clip_ratio_high={a.clip_ratio_high!r} must be > 0")
     _require(a.dual_clip is None or a.dual_clip > 1,
              f"algorithm.dual_clip={a.dual_clip!r} must be > 1, or null to disable dual clipping")
+    # A cap below 1 would down-weight even tokens where engine and trainer agree (ratio 1): a rescaled, biased loss
+    # rather than a truncation of the rare large ratios TIS is for; at 1 exactly it only ever lowers weights.
+    _require(a.tis_cap >= 1, f"algorithm.tis_cap={a.tis_cap!r} must be >= 1 (the TIS weight min(ratio, cap) must "
+             "leave an on-policy token's ratio 1 unchanged); 2 is the usual choice")
 
     # baseline
     _require(0 <= b.rho_min <= b.rho_max <= 1, f"algorithm.baseline needs 0 <= rho_min <= rho_max <= 1 "

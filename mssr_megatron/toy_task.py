@@ -110,8 +110,9 @@ class ToyRun:
         order = torch.randperm(len(prompts), generator=self.gen)
         for part in order.chunk(cfg.mini_batches):
             logp, ent = self.logprobs_entropy(self.logits, prompts[part], tokens[part])
-            loss, loss_metrics = self.algo.loss(
-                logp, old_logp[part], advantages[part], mask[part], ref_logprobs=ref_logp[part], entropy=ent
+            loss, loss_metrics = self.algo.loss(  # the toy samples from the policy itself: its sampling log-probs
+                logp, old_logp[part], advantages[part], mask[part], ref_logprobs=ref_logp[part],  # are the old ones
+                rollout_logprobs=old_logp[part], entropy=ent,
             )
             self.optim.zero_grad()
             loss.backward()

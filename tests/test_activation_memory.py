@@ -87,8 +87,9 @@ def test_update_policy_cuts_the_per_token_tensors_to_each_microbatch():
     seen = []
 
     class Algo:
-        def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, entropy, normalizer):
-            seen.append((logprobs.shape, old.shape, advantages.shape, mask.shape, ref_logprobs.shape, float(mask.sum())))
+        def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, rollout_logprobs, entropy, normalizer):
+            seen.append((logprobs.shape, old.shape, advantages.shape, mask.shape, ref_logprobs.shape,
+                         rollout_logprobs.shape, float(mask.sum())))
             return logprobs.sum(), {}
 
     class Actor:
@@ -109,8 +110,8 @@ def test_update_policy_cuts_the_per_token_tensors_to_each_microbatch():
 
         mp.setattr(ps, "get_data_parallel_world_size", lambda *a, **k: 1)
         rl_step.update_policy(ctx, exp, torch.arange(4), per_token, per_token.clone(), per_token.clone())
-    assert [s[:5] for s in seen] == [((2, 7),) * 5, ((2, 31),) * 5]
-    assert [s[5] for s in seen] == [6.0, 6.0]  # every response token still reaches the loss
+    assert [s[:6] for s in seen] == [((2, 7),) * 6, ((2, 31),) * 6]
+    assert [s[6] for s in seen] == [6.0, 6.0]  # every response token still reaches the loss
 
 
 def _same_results_worker(rank: int, out: str) -> None:
@@ -134,7 +135,7 @@ def _same_results_worker(rank: int, out: str) -> None:
         ctx = types.SimpleNamespace(cfg=cfg, actor=actor, blocked_ids=[])
 
         class Algo:  # a plain policy-gradient loss over the response tokens
-            def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, entropy, normalizer):
+            def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, rollout_logprobs, entropy, normalizer):
                 return -(logprobs * advantages * mask).sum() / normalizer + 0.1 * (entropy * mask).sum() / normalizer, {}
 
         ctx.algo = Algo()

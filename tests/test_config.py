@@ -187,6 +187,18 @@ def test_ranges():
     assert "reinforce_pp only" in error(overrides=["algorithm.kl_in_reward=true"])
 
 
+def test_rollout_correction_and_mismatch_alarm_settings():
+    cfg = load_config(None)
+    assert (cfg.algorithm.rollout_correction, cfg.trainer.max_logprob_mismatch) == ("none", None)  # off by default
+    assert "algorithm.tis_cap=0.5 must be >= 1" in error(overrides=["algorithm.rollout_correction=tis",
+                                                                   "algorithm.tis_cap=0.5"])
+    assert "trainer.max_logprob_mismatch=0.0 must be > 0" in error(overrides=["trainer.max_logprob_mismatch=0"])
+    assert "on_logprob_mismatch" in error(overrides=["trainer.on_logprob_mismatch=abort"])
+    tis = load_config(None, ["algorithm.rollout_correction=tis", "algorithm.tis_cap=1",
+                             "trainer.max_logprob_mismatch=0.05", "trainer.on_logprob_mismatch=stop"])
+    assert (tis.algorithm.tis_cap, tis.trainer.max_logprob_mismatch) == (1.0, 0.05)
+
+
 def test_unknown_estimator_named_with_suggestion():
     message = error(overrides=["algorithm.estimator=mssrr"])
     assert "algorithm.estimator" in message and "'mssrr'" in message and "did you mean 'mssr'?" in message

@@ -168,8 +168,8 @@ def test_update_policy_gives_the_loss_its_tensors_on_the_actors_device(monkeypat
     devices = []
 
     class Algo:
-        def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, entropy, normalizer):
-            devices.append({t.device.type for t in (old, advantages, mask, ref_logprobs)})
+        def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, rollout_logprobs, entropy, normalizer):
+            devices.append({t.device.type for t in (old, advantages, mask, ref_logprobs, rollout_logprobs)})
             assert old.shape == (2, width - 1) and normalizer == 2 * (width - 1)
             return logprobs.sum(), {}
 

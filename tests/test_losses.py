@@ -169,3 +169,91 @@ def test_crossmodal_kl_matches_plain_python_and_has_gradients():
         lambda a, b: crossmodal_kl(a, b).to(torch.float64),
         (with_img[:1, :2].clone().requires_grad_(), text_only[:1, :2].clone().requires_grad_()),
     )
+
+
+# ------------------------------------------------------------------------------- rollout correction (TIS)
+def _tis_case():
+    """A 2x3 micro-batch worked out by hand. Per token: PPO ratio r = exp(logp - old), TIS weight
+    w = min(exp(old - rollout), 2), advantage A; clip 0.2 / 0.3, dual clip 3.
+
+        token  A   r    ppo-clip loss                          old - rollout   w            w * loss
+        (0,0)  1   1.1  -1.1 (inside the range)                log 1.5         1.5          -1.65
+        (0,1)  1   1.5  -1.3 (clipped at 1 + 0.3)              log 4           2 (capped)   -2.6
+        (0,2)  masked: padding, no rollout log-prob (-inf)                     0            -
+        (1,0)  -1  4.0  3.0  (dual clip: min(4, 3))            log 0.5         0.5          1.5
+        (1,1)  -2  0.5  1.6  (clipped at 1 - 0.2: 2 * 0.8)     0               1            1.6
+        (1,2)  -1  1.0  1.0                                    log 0.8         0.8          0.8
+    token-mean over the 5 response tokens: pg = (-1.65 - 2.6 + 1.5 + 1.6 + 0.8) / 5 = -0.07 (0.64 without TIS).
+    KL (k1 = logp - ref): 0.2, 0.1 | 0.3, -0.1, 0 -> mean 0.1; entropy 0.5, 0.25 | 1, 0.25, 0.5 -> mean 0.5.
+    """
+    d = torch.float64
+    log = math.log
+    old = torch.tensor([[-1.0, -2.0, 0.0], [-2.0, -1.5, -1.0]], dtype=d)
+    logp = old + torch.tensor([[log(1.1), log(1.5), 0.0], [log(4.0), log(0.5), 0.0]], dtype=d)
+    rollout = old - torch.tensor([[log(1.5), log(4.0), float("inf")], [log(0.5), 0.0, log(0.8)]], dtype=d)
+    adv = torch.tensor([[1.0, 1.0, 5.0], [-1.0, -2.0, -1.0]], dtype=d)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=d)
+    ref = logp - torch.tensor([[0.2, 0.1, 7.0], [0.3, -0.1, 0.0]], dtype=d)
+    entropy = torch.tensor([[0.5, 0.25, 9.0], [1.0, 0.25, 0.5]], dtype=d)
+    return logp, old, rollout, adv, mask, ref, entropy
+
+
+def test_tis_loss_matches_the_hand_worked_reference():
+    logp, old, rollout, adv, mask, ref, entropy = _tis_case()
+    cfg = AlgorithmConfig(rollout_correction="tis", tis_cap=2.0, kl_estimator="k1", kl_loss_coef=0.1,
+                          entropy_coef=0.01)
+    logp = logp.clone().requires_grad_()
+    loss, metrics = compute_policy_loss(cfg, logp, old, adv, mask, ref_logprobs=ref, rollout_logprobs=rollout,
+                                        entropy=entropy)
+    # pg -0.07; the KL and entropy terms are not weighted: + 0.1 * 0.1 - 0.01 * 0.5
+    assert metrics["actor/pg_loss"] == pytest.approx(-0.07, abs=1e-12)
+    assert loss.item() == pytest.approx(-0.07 + 0.01 - 0.005, abs=1e-12)
+    assert metrics["actor/tis_weight_mean"] == pytest.approx((1.5 + 2 + 0.5 + 1 + 0.8) / 5, abs=1e-12)
+    assert metrics["actor/tis_capped_frac"] == pytest.approx(1 / 5)
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(2 / 5) and metrics["actor/pg_clipfrac_dual"] == 0.2
+    # d loss / d logp: only unclipped tokens carry the pg gradient, -A * r * w / 5 (w is a constant), plus the KL's
+    # 0.1 / 5 on every response token: (0,0) -1.1 * 1.5 / 5 + 0.02, (1,2) 1 * 1 * 0.8 / 5 + 0.02, clipped ones 0.02.
+    loss.backward()
+    expected = torch.tensor([[-0.33 + 0.02, 0.02, 0.0], [0.02, 0.02, 0.16 + 0.02]], dtype=torch.float64)
+    assert torch.allclose(logp.grad, expected, atol=1e-12), logp.grad
+    # Without the correction the same tokens give pg 0.64.
+    plain_loss, _ = compute_policy_loss(plain(), logp.detach(), old, adv, mask)
+    assert plain_loss.item() == pytest.approx(3.2 / 5, abs=1e-12)
+
+
+def test_tis_needs_the_rollout_logprobs():
+    logp, old, _, adv, mask, _, _ = _tis_case()
+    with pytest.raises(ValueError, match="rollout_correction=tis but no rollout log-probs"):
+        compute_policy_loss(plain(rollout_correction="tis"), logp, old, adv, mask)
+
+
+@pytest.mark.parametrize("policy_loss", ["ppo_clip", "reinforce"])
+def test_no_correction_leaves_the_loss_bit_equal(policy_loss):
+    gen = torch.Generator().manual_seed(4)
+    logp, old, ref, ent = (torch.randn(3, 5, generator=gen) - 1.0 for _ in range(4))
+    adv = torch.randn(3, 5, generator=gen)
+    mask = (torch.rand(3, 5, generator=gen) > 0.3).float()
+    cfg = AlgorithmConfig(policy_loss=policy_loss, entropy_coef=0.01)
+    assert cfg.rollout_correction == "none"
+
+    def loss_and_grad(**extra):
+        x = logp.clone().requires_grad_()
+        loss, _ = compute_policy_loss(cfg, x, old, adv, mask, ref_logprobs=ref, entropy=ent, **extra)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    # The terms composed by hand from the unweighted pieces, as compute_policy_loss adds them.
+    if policy_loss == "ppo_clip":
+        pg = ppo_clip_token_loss(logp, old, adv, 0.2, 0.3, 3.0)[0]
+    else:
+        pg = -adv * torch.exp(logp - old)
+    reference = (aggregate(pg, mask, "token-mean") + 0.01 * aggregate(kl_penalty(logp, ref, "k3"), mask, "token-mean")
+                 - 0.01 * aggregate(ent, mask, "token-mean"))
+    without, grad_without = loss_and_grad()
+    wild = torch.randn(3, 5, generator=gen) * 5  # far from the trainer's: would change a corrected loss
+    ignored, grad_ignored = loss_and_grad(rollout_logprobs=wild)
+    assert torch.equal(without, reference) and torch.equal(ignored, without) and torch.equal(grad_ignored, grad_without)
+    # TIS with the engine agreeing exactly (every w = exp(0) = 1) is bit-equal too.
+    cfg.rollout_correction = "tis"
+    agreeing, grad_agreeing = loss_and_grad(rollout_logprobs=old.clone())
+    assert torch.equal(agreeing, without) and torch.equal(grad_agreeing, grad_without)

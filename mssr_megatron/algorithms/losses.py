@@ -8,6 +8,10 @@ Aggregation modes (how per-token losses become one scalar):
 A sequence with no response token carries no loss and does not count. `normalizer` replaces the denominator (the
 number of tokens, or of sequences, in the whole mini-batch across micro-batches and data-parallel ranks) so that
 gradient accumulation over micro-batches gives the same gradient as one big batch.
+
+A registered policy loss is called as f(logprobs, old_logprobs, advantages, mask, cfg, normalizer, token_weights) and
+returns (scalar, metrics); `token_weights` [B, T] (or None) multiplies its per-token loss before aggregation: the
+rollout correction (`tis_weights`) enters there, so it reaches the policy-gradient term only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from mssr_megatron.registry import Registry
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ROLLOUT_CORRECTIONS = ("none", "tis")
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: keeps k3 finite when a token's log-prob collapses
 
 
@@ -93,8 +98,34 @@ def ppo_clip_token_loss(
 POLICY_LOSSES: Registry[Callable] = Registry("policy loss")
 
 
+def tis_weights(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance-sampling weights of the engine's samples for the trainer's policy. [B, T]
+
+    w_t = min(exp(logp_old_t - logp_rollout_t), cap), detached (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"): the rollouts were sampled by the engine, whose log-probs differ from the
+    trainer's (bf16, other kernels), so the on-policy gradient needs the ratio pi_trainer / pi_engine; truncating it at
+    `cap` bounds the variance a token the engine found unlikely would add. 0 where `mask` is off (prompt, padding: no
+    rollout log-prob there). Metrics: the token mean of w and the share of tokens whose ratio was over the cap.
+    """
+    ratio = torch.exp(old_logprobs.detach() - rollout_logprobs.detach())  # -inf rollout log-prob: inf, capped below
+    on = mask.bool()
+    weights = torch.where(on, ratio.clamp(max=cap), torch.zeros_like(ratio))  # where: masked values may be inf/NaN
+    metrics = {
+        "actor/tis_weight_mean": masked_mean(weights, on),
+        "actor/tis_capped_frac": masked_mean((on & (ratio > cap)).float(), on),
+    }
+    return weights, metrics
+
+
+def _weighted(loss: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    """The per-token loss times the rollout-correction weights; unchanged (the same tensor) without them."""
+    return loss if token_weights is None else loss * token_weights
+
+
 @POLICY_LOSSES.register("ppo_clip")
-def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, cfg, normalizer=None):
+def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, cfg, normalizer=None, token_weights=None):
     """PPO-clip (clip-higher, dual-clip) aggregated by cfg.loss_agg_mode. Returns (scalar, metrics)."""
     loss, clipped, dual = ppo_clip_token_loss(
         logprobs, old_logprobs, advantages, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.dual_clip
@@ -106,15 +137,15 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, cfg, normalizer=None
         "actor/ratio_mean": masked_mean(torch.exp(log_ratio.clamp(max=_MAX_LOG_RATIO)), mask),
         "actor/ppo_kl": masked_mean(-log_ratio, mask),
     }
-    return aggregate(loss, mask, cfg.loss_agg_mode, normalizer), metrics
+    return aggregate(_weighted(loss, token_weights), mask, cfg.loss_agg_mode, normalizer), metrics
 
 
 @POLICY_LOSSES.register("reinforce")
-def reinforce_loss(logprobs, old_logprobs, advantages, mask, cfg, normalizer=None):
+def reinforce_loss(logprobs, old_logprobs, advantages, mask, cfg, normalizer=None, token_weights=None):
     """Unclipped importance-weighted policy gradient, -A * exp(logp - logp_old). Returns (scalar, metrics)."""
     ratio = torch.exp((logprobs - old_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
     metrics = {"actor/ratio_mean": masked_mean(ratio, mask)}
-    return aggregate(-advantages * ratio, mask, cfg.loss_agg_mode, normalizer), metrics
+    return aggregate(_weighted(-advantages * ratio, token_weights), mask, cfg.loss_agg_mode, normalizer), metrics
 
 
 def crossmodal_kl(logits_with_image: torch.Tensor, logits_text_only: torch.Tensor, temperature: float = 1.0):
@@ -137,6 +168,7 @@ def compute_policy_loss(
     mask: torch.Tensor,
     *,
     ref_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     crossmodal: torch.Tensor | None = None,
     normalizer: float | None = None,
@@ -146,11 +178,23 @@ def compute_policy_loss(
         pg_loss + kl_loss_coef * KL(pi || ref) - entropy_coef * H + crossmodal_coef * KL(pi(.|x, img) || pi(.|x))
 
     every term aggregated with cfg.loss_agg_mode. logprobs / entropy / crossmodal carry gradient; old_logprobs,
-    ref_logprobs and advantages are treated as constants. All per-token inputs are [B, T]. Returns (scalar, metrics).
+    ref_logprobs, rollout_logprobs and advantages are treated as constants. All per-token inputs are [B, T].
+    With cfg.rollout_correction = "tis" the per-token pg_loss is weighted by `tis_weights` (from the rollout engine's
+    log-probs, `rollout_logprobs`); the KL, entropy and cross-modal terms are not. Returns (scalar, metrics).
     """
     advantages = advantages.detach()
     old_logprobs = old_logprobs.detach()
-    loss, metrics = POLICY_LOSSES.get(cfg.policy_loss)(logprobs, old_logprobs, advantages, mask, cfg, normalizer)
+    weights, metrics = None, {}
+    if cfg.rollout_correction == "tis":
+        if rollout_logprobs is None:
+            raise ValueError("algorithm.rollout_correction=tis but no rollout log-probs were given")
+        weights, metrics = tis_weights(old_logprobs, rollout_logprobs, mask, cfg.tis_cap)
+    elif cfg.rollout_correction != "none":
+        raise ValueError(f"unknown rollout correction {cfg.rollout_correction!r}; "
+                         f"choose one of {', '.join(ROLLOUT_CORRECTIONS)}")
+    loss, pg_metrics = POLICY_LOSSES.get(cfg.policy_loss)(logprobs, old_logprobs, advantages, mask, cfg, normalizer,
+                                                          token_weights=weights)
+    metrics.update(pg_metrics)
     metrics["actor/pg_loss"] = float(loss.detach())
     mode = cfg.loss_agg_mode
     if cfg.use_kl_loss and cfg.kl_loss_coef != 0.0:

@@ -89,8 +89,9 @@ class HFBaseline:
                     dev = self.device
                     ref = None if ref_logprobs is None else ref_logprobs[local].to(dev)
                     loss, _ = ctx.algo.loss(logprobs, old_logprobs[local].to(dev), advantages[local].to(dev),
-                                            mask[local].to(dev), ref_logprobs=ref, entropy=entropy,
-                                            normalizer=normalizer)
+                                            mask[local].to(dev), ref_logprobs=ref,
+                                            rollout_logprobs=exp.rollout_logprobs[batch["rows"]].to(dev),
+                                            entropy=entropy, normalizer=normalizer)
                     loss.backward()
                     losses.append(float(loss.detach()))
                 if self.grad_clip:

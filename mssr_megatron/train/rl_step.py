@@ -125,7 +125,8 @@ def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logpro
     """Mini-batched PPO updates over this replica's rows (gradient accumulation over micro-batches). Returns metrics.
 
     advantages, old/ref log-probs: [len(rows), L-1] on the last stage (None elsewhere), on any device: what the loss
-    reads is moved to the actor's device here, once.
+    reads (with the engine's log-probs of the rows, for algorithm.rollout_correction) is moved to the actor's device
+    here, once.
     """
     from megatron.core import parallel_state as ps
 
@@ -134,8 +135,9 @@ def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logpro
     local_mini = cfg.optimizer.mini_batch_size // ps.get_data_parallel_world_size()
     mask = exp.response_mask[rows]
     device = ctx.actor.device
-    advantages, old_logprobs, ref_logprobs, token_mask = (
-        None if t is None else t.to(device) for t in (advantages, old_logprobs, ref_logprobs, mask))
+    advantages, old_logprobs, ref_logprobs, rollout_logprobs, token_mask = (
+        None if t is None else t.to(device)
+        for t in (advantages, old_logprobs, ref_logprobs, exp.rollout_logprobs[rows], mask))
     metrics: list[dict[str, float]] = []
     for _ in range(cfg.optimizer.ppo_epochs):
         for start in range(0, len(rows), local_mini):
@@ -150,7 +152,8 @@ def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logpro
                 width = logprobs.shape[-1]  # the micro-batch's own width: its per-token tensors are cut to it
                 ref = None if ref_logprobs is None else ref_logprobs[local, :width]
                 return ctx.algo.loss(logprobs, old_logprobs[local, :width], advantages[local, :width],
-                                     token_mask[local, :width], ref_logprobs=ref, entropy=entropy,
+                                     token_mask[local, :width], ref_logprobs=ref,
+                                     rollout_logprobs=rollout_logprobs[local, :width], entropy=entropy,
                                      normalizer=normalizer)
 
             batches = microbatches(ctx, exp, rows[part])
@@ -186,13 +189,21 @@ def from_last_stage(value):
 
 
 def kl_and_mismatch(old_logprobs, ref_logprobs, rollout_logprobs, mask) -> dict[str, float]:
-    """Step KL(old || ref) (k3, token mean: the kl_window rule's input) and engine/trainer log-prob mismatch."""
+    """Step KL(old || ref) (k3, token mean: the kl_window rule's input) and engine/trainer log-prob mismatch (over
+    every data-parallel replica's rows: the same values on every rank of the last stage)."""
     out: dict[str, float] = {}
     if old_logprobs is None:
         return out
     if ref_logprobs is not None:
         out["kl/old_ref_k3"] = masked_mean(kl_penalty(old_logprobs, ref_logprobs, "k3"), mask)
-    mismatch = logprob_mismatch(rollout_logprobs, old_logprobs, mask)
+    mismatch = logprob_mismatch(rollout_logprobs, old_logprobs, mask, group=_data_parallel_group())
     out.update({f"mismatch/{k}": float(v) for k, v in mismatch.items()})
     return out
 
+
+
+def _data_parallel_group():
+    """The data-parallel group when there are several replicas (each holds its own rows of the step), else None."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group() if ps.get_data_parallel_world_size() > 1 else None

@@ -25,6 +25,7 @@ from mssr_megatron.train.run_context import RunContext, broadcast_object, build_
 
 log = logging.getLogger("mssr")
 PREEMPTED_MARKER = "PREEMPTED"
+MISMATCH_METRIC = "mismatch/mean_abs_diff"  # what trainer.max_logprob_mismatch bounds
 
 
 def train(cfg: RunConfig) -> dict:
@@ -63,6 +64,7 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
             run_checkpoint.save(ctx)
             raise RuntimeError(f"stopping at step {ctx.step}: {nonfinite_steps} steps had non-finite values "
                                f"(last: {ctx.actor.nonfinite}); checkpoint saved")
+        check_logprob_mismatch(ctx, metrics)
         if cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0:
             run_checkpoint.save(ctx)
     saved = ctx.step == start_step or (cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0)
@@ -132,6 +134,25 @@ def after_update(ctx: RunContext, exp, rows, old, mask, kl) -> dict[str, float]:
     old_lp, new_lp, m = payload if payload is not None else (None, None, None)
     return ctx.algo.after_update(exp.prompt_keys, exp.rewards, kl=kl, old_logprobs=old_lp, new_logprobs=new_lp,
                                  mask=m)
+
+
+def check_logprob_mismatch(ctx: RunContext, metrics: dict[str, float]) -> None:
+    """The mismatch alarm (trainer.max_logprob_mismatch): warn, or save a checkpoint and stop, when the step's
+    mismatch/mean_abs_diff exceeds it (NaN does too). That value is a token mean over the global batch, the same on
+    every rank (rl_step.kl_and_mismatch), so every rank takes the same branch."""
+    from mssr_megatron.train import run_checkpoint
+
+    threshold, value = ctx.cfg.trainer.max_logprob_mismatch, metrics.get(MISMATCH_METRIC)
+    if threshold is None or value is None or value <= threshold:
+        return
+    what = f"step {ctx.step}: {MISMATCH_METRIC}={value:.4g} nats exceeds trainer.max_logprob_mismatch={threshold:g}"
+    hint = ("check that the engine received this step's weights (a failed or stale weight sync), the engine's dtype "
+            "against model.params_dtype, and the engine's kernels (attention, sampling) against the trainer's")
+    if ctx.cfg.trainer.on_logprob_mismatch == "warn":
+        log.warning("%s; %s", what, hint)
+        return
+    path = run_checkpoint.save(ctx)
+    raise RuntimeError(f"stopping at {what} (trainer.on_logprob_mismatch=stop); checkpoint saved: {path}; {hint}")
 
 
 def _token_kl(old, ref, mask, num_rows, rows):
