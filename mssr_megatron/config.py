@@ -110,6 +110,8 @@ class RolloutConfig:
     """Base seed of the rollout sampler (offset per step and rank)."""
     engine_tp_size: int = 1
     """Tensor-parallel size of each rollout engine instance (SGLang/vLLM)."""
+    engines: Literal["per_node", "per_dp_group", "single"] = "per_node"
+    """Rollout engines (rollout/placement.py): fill every node's GPUs, one per data-parallel replica, or one per job."""
     colocate: bool = True
     """Share GPUs between training and rollout: release the engine's memory while training, resume it for rollout."""
     mem_fraction: float = 0.6
