@@ -275,7 +275,7 @@ class DataConfig:
     format_reward_weight: float = 0.0
     """Weight of the format reward mixed into the answer reward (0 = answer only, the paper's setting)."""
     reward_workers: int = 2
-    """Worker processes that verify answers (0 = in the trainer process)."""
+    """Worker processes per node that verify answers, split over its engine hosts (0 = in the trainer process)."""
     reward_timeout_s: float = 5.0
     """Per-answer verification time limit in seconds; a timeout scores 0."""
     val_size: int | None = None

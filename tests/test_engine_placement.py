@@ -63,7 +63,7 @@ def test_engines_on_spare_gpus():
     assert _slots("per_dp_group", 4, 4, 8, tp=2, etp=2, colocate=False) == [(0, 0, (4, 5)), (2, 0, (6, 7))]
     with pytest.raises(ConfigError, match=r"engine 2 needs GPUs 8..9 of node 0, beyond the spare GPUs 4..7"):
         _slots("per_dp_group", 8, 4, 8, tp=1, etp=2, colocate=False)  # 4 replicas on node 0, room for 2 engines
-    with pytest.raises(ConfigError, match="rollout.engines=single: engine 0 needs GPUs 8..8"):
+    with pytest.raises(ConfigError, match="8 trainer ranks per node leave 0 of the node.s 8 GPUs"):
         _slots("single", 8, 8, 8, colocate=False)  # no spare GPU at all
     with pytest.raises(ConfigError, match="has no GPUs"):
         _slots("per_node", 2, 2, 0, colocate=False)

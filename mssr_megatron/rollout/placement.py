@@ -68,6 +68,12 @@ def engine_slots(mode: str, *, world_size: int, ranks_per_node: int, gpus_per_no
     if not colocate and gpus_per_node == 0:
         raise ConfigError("rollout.colocate=false puts the engines on GPUs the trainer does not use, but this job "
                           "has no GPUs: set rollout.colocate=true on the CPU")
+    if not colocate and gpus_per_node - ranks_per_node < engine_tp_size:
+        raise ConfigError(
+            f"rollout.colocate=false puts the engines on GPUs the trainer does not use, but {ranks_per_node} trainer "
+            f"ranks per node leave {max(gpus_per_node - ranks_per_node, 0)} of the node's {gpus_per_node} GPUs and "
+            f"an engine needs rollout.engine_tp_size={engine_tp_size}: run fewer ranks per node (--procs-per-node, "
+            "NPROC_PER_NODE) or set rollout.colocate=true")
     nodes = world_size // ranks_per_node
     dp = world_size // (tp * pp)
     if mode == "single":
@@ -150,3 +156,19 @@ def live_engine_slots(rollout_cfg, device) -> list[EngineSlot]:
 def prompt_slices(num_prompts: int, num_engines: int) -> list[tuple[int, int]]:
     """(start, end) of each engine's contiguous share of the prompts, in engine order; sizes differ by at most one."""
     return [(k * num_prompts // num_engines, (k + 1) * num_prompts // num_engines) for k in range(num_engines)]
+
+
+def reward_workers_per_host(workers_per_node: int, slots: list[EngineSlot], host_rank: int) -> int:
+    """The reward worker pool of one engine host: `data.reward_workers` of its node split over the node's hosts (the
+    first get one more), at least one each; 0 grades inline."""
+    if workers_per_node == 0:
+        return 0
+    node = next(s.node for s in slots if s.host_rank == host_rank)
+    on_node = [s.host_rank for s in slots if s.node == node]
+    share, extra = divmod(workers_per_node, len(on_node))
+    return max(1, share + (on_node.index(host_rank) < extra))
+
+
+def node_reward_workers(workers_per_node: int, slots: list[EngineSlot], node: int) -> int:
+    """Reward worker processes running on `node` (the sum of its hosts' pools)."""
+    return sum(reward_workers_per_host(workers_per_node, slots, s.host_rank) for s in slots if s.node == node)

@@ -124,7 +124,7 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.rewards import RewardGrader
     from mssr_megatron.rollout.factory import Colocation
     from mssr_megatron.rollout.nccl_env import set_engine_nccl_env
-    from mssr_megatron.rollout.placement import live_engine_slots
+    from mssr_megatron.rollout.placement import live_engine_slots, reward_workers_per_host
     from mssr_megatron.rollout.sampling import blocked_token_ids
     from mssr_megatron.rollout.weight_export import sync_weights
 
@@ -170,8 +170,10 @@ def build_context(cfg: RunConfig) -> RunContext:
                      hosts=[slot.host_rank for slot in slots])
     algo = RLAlgorithm(cfg.algorithm)
     sampler = PromptSampler(len(train_set), cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    # every rank holds a grader, but its worker pool starts on first use: on the hosts only (rl_step.grade)
-    grader = RewardGrader(cfg.data.reward, num_workers=cfg.data.reward_workers, timeout_s=cfg.data.reward_timeout_s)
+    # every rank holds a grader, but its worker pool starts on first use: on the engines' hosts only (rl_step.grade),
+    # which share their node's data.reward_workers
+    workers = reward_workers_per_host(cfg.data.reward_workers, slots, dist.get_rank()) if own else 0
+    grader = RewardGrader(cfg.data.reward, num_workers=workers, timeout_s=cfg.data.reward_timeout_s)
     logger = MetricsLogger(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                            progress_bar=cfg.logging.progress_bar, total_steps=cfg.trainer.total_steps, enabled=rank0)
     return RunContext(cfg=cfg, hf_config=hf_config, processor=processor, actor=actor, reference=reference,
