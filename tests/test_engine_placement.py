@@ -104,3 +104,16 @@ def test_config_refuses_what_cannot_work():
         load_config(None, ["trainer.device=cpu", "rollout.colocate=false"]).validate()
     with pytest.raises(ConfigError, match="rollout.engines"):
         load_config(None, ["rollout.engines=per_gpu"])
+
+
+def test_reward_workers_of_a_node_are_split_over_its_hosts():
+    from mssr_megatron.rollout.placement import node_reward_workers, reward_workers_per_host
+
+    slots = engine_slots("per_node", world_size=16, ranks_per_node=8, gpus_per_node=8, tp=2, pp=1,
+                         engine_tp_size=1, colocate=True)
+    assert [reward_workers_per_host(16, slots, r) for r in range(16)] == [2] * 16
+    assert [reward_workers_per_host(3, slots, r) for r in range(8)] == [1] * 8  # at least one per host
+    two = engine_slots("per_node", world_size=2, ranks_per_node=2, gpus_per_node=0, tp=1, pp=1,
+                       engine_tp_size=1, colocate=True)
+    assert [reward_workers_per_host(3, two, r) for r in range(2)] == [2, 1]
+    assert node_reward_workers(3, two, 0) == 3 and node_reward_workers(0, two, 0) == 0
