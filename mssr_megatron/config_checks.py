@@ -118,8 +118,6 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p!r} must be in (0, 1]")
     _require(r.top_k == -1 or r.top_k > 0, f"rollout.top_k={r.top_k!r} must be -1 (disabled) or > 0")
     _require(0 < r.mem_fraction <= 1, f"rollout.mem_fraction={r.mem_fraction!r} must be in (0, 1]")
-    _require(r.colocate or device != "cpu", "rollout.colocate=false puts the rollout engines on GPUs the trainer does "
-             "not use and needs CUDA; set rollout.colocate=true with trainer.device=cpu")
     _require(not (r.engines == "per_node" and r.colocate and p.pipeline_model_parallel_size > 1),
              "rollout.engines=per_node puts an engine on the GPUs of every rank, but with parallel."
              f"pipeline_model_parallel_size={p.pipeline_model_parallel_size} only pipeline-stage-0 ranks receive the "

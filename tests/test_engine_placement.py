@@ -65,8 +65,8 @@ def test_engines_on_spare_gpus():
         _slots("per_dp_group", 8, 4, 8, tp=1, etp=2, colocate=False)  # 4 replicas on node 0, room for 2 engines
     with pytest.raises(ConfigError, match="8 trainer ranks per node leave 0 of the node.s 8 GPUs"):
         _slots("single", 8, 8, 8, colocate=False)  # no spare GPU at all
-    with pytest.raises(ConfigError, match="has no GPUs"):
-        _slots("per_node", 2, 2, 0, colocate=False)
+    # the CPU has no spare GPUs: colocate=false only keeps the engine's memory (factory.Colocation), same placement
+    assert _slots("per_node", 2, 2, 0, colocate=False) == _slots("per_node", 2, 2, 0) == [(0, 0, ()), (1, 0, ())]
 
 
 def test_cpu_counts_trainer_ranks_as_slots():
@@ -100,8 +100,6 @@ def test_config_refuses_what_cannot_work():
     load_config(None, ["rollout.engines=per_dp_group", "parallel.pipeline_model_parallel_size=2"]).validate()
     with pytest.raises(ConfigError, match="rollout.engines=per_node puts an engine on the GPUs of every rank"):
         load_config(None, ["parallel.pipeline_model_parallel_size=2"]).validate()
-    with pytest.raises(ConfigError, match="rollout.colocate=false .* needs CUDA"):
-        load_config(None, ["trainer.device=cpu", "rollout.colocate=false"]).validate()
     with pytest.raises(ConfigError, match="rollout.engines"):
         load_config(None, ["rollout.engines=per_gpu"])
 

@@ -19,7 +19,8 @@ weight_export.py; every TP rank of a stage holds the full tensors after export_h
 
 `colocate=False`: the engines run on the GPUs of the node that the trainer does not use (local GPUs
 ranks_per_node .. gpus_per_node - 1), driven by the node's stage-0 trainer ranks; weights go over NCCL broadcast
-(weight_broadcast.DistributedWeightSender). It needs GPUs.
+(weight_broadcast.DistributedWeightSender). On the CPU it only keeps the engine's memory through training
+(factory.Colocation); each engine still lives in its host process.
 
 Rank order: megatron-core 0.16.1 `parallel_state.initialize_model_parallel(order="tp-cp-ep-dp-pp")`, whose
 `RankGenerator` varies the first name fastest, so with CP = EP = 1: global rank = tp + TP * (dp + DP * pp).
@@ -65,10 +66,8 @@ def engine_slots(mode: str, *, world_size: int, ranks_per_node: int, gpus_per_no
     if world_size % (tp * pp) or world_size % ranks_per_node:
         raise ConfigError(f"world size {world_size} must be divisible by TP x PP = {tp * pp} and by the ranks per "
                           f"node ({ranks_per_node})")
-    if not colocate and gpus_per_node == 0:
-        raise ConfigError("rollout.colocate=false puts the engines on GPUs the trainer does not use, but this job "
-                          "has no GPUs: set rollout.colocate=true on the CPU")
-    if not colocate and gpus_per_node - ranks_per_node < engine_tp_size:
+    separate = not colocate and gpus_per_node > 0  # on the CPU an engine lives in its host process either way
+    if separate and gpus_per_node - ranks_per_node < engine_tp_size:
         raise ConfigError(
             f"rollout.colocate=false puts the engines on GPUs the trainer does not use, but {ranks_per_node} trainer "
             f"ranks per node leave {max(gpus_per_node - ranks_per_node, 0)} of the node's {gpus_per_node} GPUs and "
@@ -80,7 +79,7 @@ def engine_slots(mode: str, *, world_size: int, ranks_per_node: int, gpus_per_no
         hosts = [0]
     elif mode == "per_dp_group":
         hosts = [tp * d for d in range(dp)]  # (tp 0, dp d, stage 0)
-    elif colocate:
+    elif not separate:
         slots = (min(gpus_per_node, ranks_per_node) if gpus_per_node else ranks_per_node) // engine_tp_size
         if slots == 0:
             raise ConfigError(f"rollout.engines=per_node: rollout.engine_tp_size={engine_tp_size} is larger than a "
@@ -102,7 +101,7 @@ def engine_slots(mode: str, *, world_size: int, ranks_per_node: int, gpus_per_no
                 "per_dp_group (engines on the stage-0 ranks) or single, or a layout whose nodes all hold stage-0 ranks")
     slots = [EngineSlot(i, h, h // ranks_per_node, ()) for i, h in enumerate(hosts)]
     if gpus_per_node:
-        slots = _place_on_gpus(slots, mode, ranks_per_node, gpus_per_node, engine_tp_size, colocate)
+        slots = _place_on_gpus(slots, mode, ranks_per_node, gpus_per_node, engine_tp_size, not separate)
     return slots
 
 
