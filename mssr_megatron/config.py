@@ -110,6 +110,8 @@ class RolloutConfig:
     """Base seed of the rollout sampler (offset per step and rank)."""
     engine_tp_size: int = 1
     """Tensor-parallel size of each rollout engine instance (SGLang/vLLM)."""
+    engines: Literal["per_node", "per_dp_group", "single"] = "per_node"
+    """Rollout engines (rollout/placement.py): fill every node's GPUs, one per data-parallel replica, or one per job."""
     colocate: bool = True
     """Share GPUs between training and rollout: release the engine's memory while training, resume it for rollout."""
     mem_fraction: float = 0.6
@@ -277,7 +279,7 @@ class DataConfig:
     format_reward_weight: float = 0.0
     """Weight of the format reward mixed into the answer reward (0 = answer only, the paper's setting)."""
     reward_workers: int = 2
-    """Worker processes that verify answers (0 = in the trainer process)."""
+    """Worker processes per node that verify answers, split over its engine hosts (0 = in the trainer process)."""
     reward_timeout_s: float = 5.0
     """Per-answer verification time limit in seconds; a timeout scores 0."""
     val_size: int | None = None

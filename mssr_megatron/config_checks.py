@@ -118,6 +118,10 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p!r} must be in (0, 1]")
     _require(r.top_k == -1 or r.top_k > 0, f"rollout.top_k={r.top_k!r} must be -1 (disabled) or > 0")
     _require(0 < r.mem_fraction <= 1, f"rollout.mem_fraction={r.mem_fraction!r} must be in (0, 1]")
+    _require(not (r.engines == "per_node" and r.colocate and p.pipeline_model_parallel_size > 1),
+             "rollout.engines=per_node puts an engine on the GPUs of every rank, but with parallel."
+             f"pipeline_model_parallel_size={p.pipeline_model_parallel_size} only pipeline-stage-0 ranks receive the "
+             "full weights: use rollout.engines=per_dp_group (one engine per replica, on stage 0) or single")
 
     # algorithm
     estimators, losses = _registries()

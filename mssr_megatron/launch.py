@@ -3,8 +3,10 @@
     mssr launch examples/configs/qwen2_5_vl_7b_mssr.yaml --nodes 2 --gpus-per-node 8 --time 48:00:00 \\
         --partition gpu --account proj [key=value ...] [--dry-run]
 
-The config (with its overrides) is loaded and validated for the job's world size first, so batch-size or layout
-mistakes are reported here and not an hour later in a queue; a GPU job's memory plan (`mssr plan`) must fit
+The config (with its overrides) is loaded and validated for the job's world size first, and the rollout engines are
+placed for its shape (`rollout.engines`, rollout/placement.py: rollout.colocate=false needs --procs-per-node below
+--gpus-per-node, with room for the engines), so batch-size or layout mistakes are reported here and not an hour
+later in a queue; a GPU job's memory plan (`mssr plan`) must fit
 --gpu-memory-gb, or the launch is refused with settings that would fit. The script has the `#SBATCH` lines (nodes,
 GPUs, CPUs per task (at least one core per rank, reward worker and engine process: `node_processes`), time,
 partition, log file, requeue, an early SIGUSR1 before the time limit), the few variables of
@@ -12,8 +14,9 @@ examples/slurm/common.sh, and one call of its `mssr_main`: the same code as the 
 examples/slurm, so preemption, requeue and resume behave identically. It is written to
 <output_dir>/slurm/job.sbatch (or printed with --dry-run) and submitted; the job id is printed.
 
-`python -m mssr_megatron.launch resolve --world-size N CONFIG [key=value ...]` is what the batch scripts call to
-find the run and checkpoint directories (two lines, absolute paths) of a config; `python -m mssr_megatron.launch`
+`python -m mssr_megatron.launch resolve --world-size N [--ranks-per-node R --gpus-per-node G] CONFIG [key=value ...]`
+is what the batch scripts call to find the run and checkpoint directories (two lines, absolute paths) of a config,
+after validating it and placing its engines for the job; `python -m mssr_megatron.launch`
 otherwise is the launcher (as tools/slurm_launch.py).
 """
 
@@ -105,17 +108,34 @@ def time_limit_seconds(text: str) -> int | None:
     return sum(p * u for p, u in zip(parts, units))
 
 
-def node_processes(cfg, procs: int) -> dict[str, int]:
-    """The CPU-bound processes of the busiest node (the one with global rank 0, which also drives the rollout engine
-    and grades): each needs a core of its own. SGLang runs a scheduler per engine TP rank plus a detokenizer; vLLM a
-    worker per engine TP rank plus its engine core; the HF engine runs inside rank 0."""
-    engine = 0 if cfg.rollout.engine == "hf" else cfg.rollout.engine_tp_size + 1
-    return {"training ranks": procs, "reward workers": cfg.data.reward_workers, "rollout-engine processes": engine}
+def engine_placement(cfg, nodes: int, procs: int, gpus_per_node: int) -> list:
+    """The job's rollout engines (rollout/placement.py) for this shape: a ConfigError, naming the fix, when they
+    cannot be placed (e.g. rollout.colocate=false without enough GPUs beyond --procs-per-node)."""
+    from mssr_megatron.rollout.placement import engine_slots
+
+    p, r = cfg.parallel, cfg.rollout
+    return engine_slots(r.engines, world_size=nodes * procs, ranks_per_node=procs, gpus_per_node=gpus_per_node,
+                        tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                        engine_tp_size=r.engine_tp_size, colocate=r.colocate)
 
 
-def cpus_per_task(args: argparse.Namespace, cfg, procs: int) -> int:
+def node_processes(cfg, procs: int, slots: list) -> dict[str, int]:
+    """The CPU-bound processes of the busiest node (the one with the most engines): each needs a core of its own.
+    Each engine host grades with its share of the node's data.reward_workers; SGLang runs a scheduler per engine TP
+    rank plus a detokenizer, vLLM a worker per engine TP rank plus its engine core; an HF engine runs inside its
+    host rank."""
+    from mssr_megatron.rollout.placement import node_reward_workers
+
+    busiest = max(sorted({s.node for s in slots}), key=lambda n: sum(s.node == n for s in slots))
+    engines = sum(s.node == busiest for s in slots)
+    per_engine = 0 if cfg.rollout.engine == "hf" else cfg.rollout.engine_tp_size + 1
+    return {"training ranks": procs, "reward workers": node_reward_workers(cfg.data.reward_workers, slots, busiest),
+            "rollout-engine processes": engines * per_engine}
+
+
+def cpus_per_task(args: argparse.Namespace, cfg, procs: int, slots: list) -> int:
     """--cpus-per-task, or the node's process count by default; a ValueError when it is fewer than that."""
-    need = node_processes(cfg, procs)
+    need = node_processes(cfg, procs, slots)
     total = sum(need.values())
     if args.cpus_per_task is None:
         return total
@@ -185,11 +205,12 @@ def run_launch(args: argparse.Namespace) -> int:
     if not os.path.isfile(config):
         raise FileNotFoundError(f"config {args.config!r} not found")
     run_dir, _, cfg = run_dirs(config, args.overrides, world_size=args.nodes * procs)
+    slots = engine_placement(cfg, args.nodes, procs, args.gpus_per_node)  # before the memory plan: more basic
     if args.gpus_per_node and not args.skip_memory_plan:
         from mssr_megatron.plan import check_launch
 
         check_launch(cfg, args.nodes * procs, args.gpu_memory_gb)
-    cpus = cpus_per_task(args, cfg, procs)
+    cpus = cpus_per_task(args, cfg, procs, slots)
     repo = find_repo(args.repo)
     job_name = args.job_name or cfg.logging.run_name or os.path.basename(run_dir.rstrip(os.sep)) or "mssr"
     log_dir = os.path.join(run_dir, "slurm")
@@ -223,13 +244,18 @@ def _resolve_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m mssr_megatron.launch resolve",
                                      description="print the run and checkpoint directory of a config")
     parser.add_argument("--world-size", type=int, default=None, help="validate the config for this many ranks")
+    parser.add_argument("--ranks-per-node", type=int, default=None,
+                        help="with --world-size: also place the rollout engines for this many ranks per node")
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node for the placement (0: CPU)")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     from mssr_megatron.config import ConfigError
 
     try:
-        run_dir, ckpt_dir, _ = run_dirs(args.config, args.overrides, args.world_size)
+        run_dir, ckpt_dir, cfg = run_dirs(args.config, args.overrides, args.world_size)
+        if args.world_size and args.ranks_per_node:
+            engine_placement(cfg, args.world_size // args.ranks_per_node, args.ranks_per_node, args.gpus_per_node)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"mssr: config error: {exc}", file=sys.stderr)
         return 2

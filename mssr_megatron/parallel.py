@@ -4,14 +4,15 @@ tests) makes.
     init_megatron(tp=2, pp=1, seed=0, device="auto")   # torch.distributed (nccl on GPU, gloo on CPU) + parallel_state
     device = compute_device("auto")                     # where models and micro-batches live: cuda:<local rank> or cpu
     rollouts = wait_for_driver(lambda: engine.generate(...), "rollout")   # rank 0 works, every rank gets the result
+    parts = run_on_hosts(lambda: engine.generate(...), [0, 8], "rollout")  # ranks 0 and 8 work, all get both results
     ...
     destroy_megatron()
 
-Waiting for the driver: while rank 0 generates or grades (minutes to hours on a 7B run), the other ranks must not sit
-in a collective, where NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, as the SLURM scripts set) would kill the
-job after the process-group timeout. `wait_for_driver` makes them poll the rendezvous TCPStore for a per-call key
-instead, and only then join the (short) broadcast of the result. `parallel.timeout_minutes` bounds the collectives
-that remain.
+Waiting for the hosts: while the engines' host ranks generate or grade (minutes to hours on a 7B run), no rank may
+sit in a collective, where NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, as the SLURM scripts set) would kill
+the job after the process-group timeout. `run_on_hosts` (and `wait_for_driver`, its one-host form) makes every rank
+poll the rendezvous TCPStore for per-call keys instead, and only then join the (short) exchange of the results.
+`parallel.timeout_minutes` bounds the collectives that remain.
 
 `compute_device` is the one place that turns `trainer.device` (auto / cpu / cuda) into a torch.device; the trainer's
 models, the reference model and the HF rollout engine are all placed with it. `collective_device` is where tensors
@@ -28,7 +29,7 @@ import os
 import socket
 import time
 from datetime import timedelta
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -130,48 +131,61 @@ def destroy_megatron() -> None:
     _driver_calls = 0  # the next process group's store starts without keys
 
 
-_driver_calls = 0  # wait_for_driver calls in this process group: the same sequence on every rank
+_driver_calls = 0  # run_on_hosts calls in this process group: the same sequence on every rank
 _MAX_POLL_S = 0.1
 
 
-def wait_for_driver(work: Callable[[], T], what: str, *, src: int = 0, share: bool = True) -> T | None:
-    """Run `work()` on global rank `src` while the other ranks wait, outside any collective.
+def run_on_hosts(work: Callable[[], T], hosts: Sequence[int], what: str, *, share: bool = True):
+    """Run `work()` on each global rank in `hosts` at once while every other rank waits, outside any collective.
 
-    The waiting ranks poll the default process group's TCPStore for this call's key (`Store.check` does not block;
-    sleeps back off to 0.1 s), so no NCCL/gloo timeout runs while the driver works, however long. Then, with
-    `share`, every rank returns the driver's result (one broadcast, entered when the result is ready); without it,
-    the driver returns the result and the others None (for results that stay on the driver, such as an engine). An
-    exception in `work` is raised on the driver and, naming it, on every other rank; a driver process that dies is
-    the launcher's to handle (torchrun ends the other workers, as `srun --kill-on-bad-exit` in examples/slurm does).
-    Every rank must make the same calls in the same order (the key is a per-call counter). One process: `work()`.
+    Every rank polls the default process group's TCPStore until each host has posted this call's key
+    (`Store.check` does not block; sleeps back off to 0.1 s), so no NCCL/gloo timeout runs while the hosts work,
+    however long; a host that finishes early waits the same way for the others. Then, with `share`, every rank
+    returns the list of the hosts' results in `hosts` order (one all_gather_object, entered when all are ready);
+    without it, each host returns its own result and the others None (for results that stay where they were made,
+    such as an engine). An exception in `work` is raised on its host and, naming it, on every other rank; a host
+    process that dies is the launcher's to handle (torchrun ends the other workers, as `srun --kill-on-bad-exit`
+    in examples/slurm does). Every rank must make the same calls in the same order (the key is a per-call
+    counter). One process: `[work()]` (or `work()` without `share`).
     """
     global _driver_calls
+    hosts = list(hosts)
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return work()
+        result = work()
+        return [result] if share else result
     store = dist.distributed_c10d._get_default_store()  # the rendezvous store (no public accessor in torch 2.13)
-    key = f"mssr/wait_for_driver/{_driver_calls}"
+    key = f"mssr/run_on_hosts/{_driver_calls}"
     _driver_calls += 1
-    result = None
-    if dist.get_rank() == src:
+    rank, result = dist.get_rank(), None
+    if rank in hosts:
         try:
             result = work()
         except BaseException as exc:
-            store.set(key, f"failed: {type(exc).__name__}: {exc}")
+            store.set(f"{key}/{rank}", f"failed: {type(exc).__name__}: {exc}")
             raise
-        store.set(key, "done")
-    else:
-        delay = 0.001
-        while not store.check([key]):
-            time.sleep(delay)
-            delay = min(2 * delay, _MAX_POLL_S)
-        status = store.get(key).decode()
-        if store.add(f"{key}/seen", 1) == dist.get_world_size() - 1:  # the last reader removes the call's keys
-            store.delete_key(key)
-            store.delete_key(f"{key}/seen")
-        if status != "done":
-            raise RuntimeError(f"rank {src} {status} (during {what}); this rank stops too")
+        store.set(f"{key}/{rank}", "done")
+    keys = [f"{key}/{host}" for host in hosts]
+    delay = 0.001
+    while not store.check(keys):
+        time.sleep(delay)
+        delay = min(2 * delay, _MAX_POLL_S)
+    failed = [(host, status) for host, status in zip(hosts, (store.get(k).decode() for k in keys))
+              if status != "done"]
+    if store.add(f"{key}/seen", 1) == dist.get_world_size():  # the last reader removes the call's keys
+        for k in keys + [f"{key}/seen"]:
+            store.delete_key(k)
+    if failed:  # a host that failed raised its own exception above
+        host, status = failed[0]
+        raise RuntimeError(f"rank {host} {status} (during {what}); this rank stops too")
     if not share:
         return result
-    box = [result]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    return [gathered[host] for host in hosts]
+
+
+def wait_for_driver(work: Callable[[], T], what: str, *, src: int = 0, share: bool = True) -> T | None:
+    """`run_on_hosts` with one host, global rank `src`: with `share` every rank returns its result, without it
+    `src` does and the others get None."""
+    result = run_on_hosts(work, [src], what, share=share)
+    return result[0] if share else result

@@ -61,7 +61,9 @@ def test_every_estimator_runs_two_steps(tmp_path, assets):
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
 def test_loop_trains_with_tensor_and_pipeline_parallelism(tmp_path, assets, tp, pp):
     extra = overrides(assets, str(tmp_path / "run"), f"parallel.tensor_model_parallel_size={tp}",
-                      f"parallel.pipeline_model_parallel_size={pp}", "checkpoint.export_hf_at_end=true")
+                      f"parallel.pipeline_model_parallel_size={pp}", "checkpoint.export_hf_at_end=true",
+                      # per_node would put an engine on the stage-1 rank, which does not receive the full weights
+                      *(["rollout.engines=per_dp_group"] if pp > 1 else []))
     spawn(_train_worker, 2, [("examples/configs/tiny_cpu.yaml", extra)])
     steps = [m for m in _metrics(tmp_path / "run") if m["step"] > 0]
     assert [m["step"] for m in steps] == [1, 2]

@@ -142,3 +142,39 @@ def test_engine_logits_equal_megatron_logits_after_a_weight_update(tmp_path):
     result = torch.load(tmp_path / "engine.pt")
     assert result["moved"] > 1e-2  # the update really changed the engine's weights ...
     assert result["diff"] <= 1e-4  # ... to exactly what the TP=2 trainer computes with
+
+
+def _host_export_worker(rank: int, hosts: list, out_dir: str) -> None:
+    from mssr_megatron.train.actor import MegatronActor
+    from mssr_megatron.config import ModelConfig
+    from mssr_megatron.models.tiny_hf import published_state_dict
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+    from mssr_megatron.rollout.weight_export import export_full_weights
+
+    init_megatron(2, 2, seed=0)
+    try:
+        cfg, hf, _ = tiny_case(tied=False)
+        actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"))
+        actor.load_hf_state(published_state_dict(hf))
+        exported = {name: t.clone() for name, t in export_full_weights(actor.module, actor.dims, hosts=hosts)}
+        torch.save(exported, f"{out_dir}/rank{rank}.pt")
+    finally:
+        destroy_megatron()
+
+
+@pytest.mark.slow
+def test_an_engine_host_on_tensor_parallel_rank_1_receives_every_stage(tmp_path):
+    """TP 2 x PP 2 with the only engine host at global rank 1 (TP rank 1, stage 0), as rollout.engines=per_node places
+    one on every GPU: rank 1 receives the full HF state dict, stage 1 of its own pipeline group (rank 3) sending; the
+    pipeline group without a host (ranks 0, 2) sends nothing."""
+    from mssr_megatron.models.tiny_hf import published_state_dict
+
+    spawn(_host_export_worker, 4, [1], str(tmp_path))
+    _, hf, _ = tiny_case(tied=False)
+    expected = published_state_dict(hf)
+    got = torch.load(tmp_path / "rank1.pt")
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    for rank in (0, 2, 3):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == {}

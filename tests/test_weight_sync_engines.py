@@ -34,7 +34,7 @@ def assert_views_hold_what_was_sent(views: list[tuple[str, torch.Tensor]]) -> No
 @pytest.fixture
 def exported(monkeypatch):
     """sync_weights' export replaced by the fixed tensors above (a single-process owner, no model)."""
-    monkeypatch.setattr(weight_export, "export_full_weights", lambda model, dims, dtype=None: iter(weights()))
+    monkeypatch.setattr(weight_export, "export_full_weights", lambda model, dims, dtype=None, hosts=None: iter(weights()))
 
 
 def test_fresh_buffers_keep_every_streamed_bucket_intact():

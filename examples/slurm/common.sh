@@ -48,9 +48,11 @@ mssr_setup_env() {
         source "$VENV/bin/activate"
     fi
     PYTHON=${PYTHON:-python3}
+    MSSR_GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
+    [ "${MSSR_GPUS_PER_NODE:-0}" -gt 0 ] 2>/dev/null || MSSR_GPUS_PER_NODE=0
     if [ -z "${NPROC_PER_NODE:-}" ]; then
-        NPROC_PER_NODE=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
-        [ "${NPROC_PER_NODE:-0}" -gt 0 ] 2>/dev/null || NPROC_PER_NODE=1
+        NPROC_PER_NODE=$MSSR_GPUS_PER_NODE
+        [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=1
     fi
     NNODES=${SLURM_JOB_NUM_NODES:-1}
     HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -73,14 +75,16 @@ mssr_setup_env() {
     export MSSR_PID_DIR PYTHON NPROC_PER_NODE
 }
 
-# Prints the absolute run directory and checkpoint directory (two lines), validating the config for the job's world.
+# Prints the absolute run directory and checkpoint directory (two lines), validating the config for the job's world
+# and placing its rollout engines (rollout.engines) on the node's GPUs, so a placement error stops the job here.
 mssr_resolve_dirs() {
-    "$PYTHON" -m mssr_megatron.launch resolve --world-size $((NNODES * NPROC_PER_NODE)) "$@"
+    "$PYTHON" -m mssr_megatron.launch resolve --world-size $((NNODES * NPROC_PER_NODE)) \
+        --ranks-per-node "$NPROC_PER_NODE" --gpus-per-node "$MSSR_GPUS_PER_NODE" "$@"
 }
 
 # The torchrun arguments of this job: a standalone rendezvous on one node (a free port, so several jobs can share a
-# node), else c10d at the head node. c10d numbers the nodes by sorted host name, so global rank 0 (which runs the
-# rollout engine, grades and writes the logs) is usually, not necessarily, on the head node.
+# node), else c10d at the head node. c10d numbers the nodes by sorted host name, so global rank 0 (which writes the
+# logs; its engine is one of many with rollout.engines=per_node) is usually, not necessarily, on the head node.
 mssr_torchrun_args() {
     if [ "$NNODES" -eq 1 ]; then
         echo "--standalone --nnodes 1 --nproc_per_node $NPROC_PER_NODE"

@@ -225,7 +225,8 @@ def bench_weight_sync(ctx, *, warmup: int, repeats: int, device) -> dict:
 
     bucket = ctx.cfg.rollout.weight_bucket_bytes
     reports = []
-    result = measure(lambda: reports.append(sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, bucket)),
+    result = measure(lambda: reports.append(sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, bucket,
+                                                         hosts=ctx.engine_hosts)),
                      warmup=warmup, repeats=repeats, device=device)
     nbytes = int(max((r["sync/bytes"] for r in reports), default=0))  # the owner's count (0 on other ranks)
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -102,7 +102,7 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
     cfg = ctx.cfg
     device = next(ctx.actor.module.parameters()).device
     world = dist.get_world_size() if dist.is_initialized() else 1
-    sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, cfg.rollout.weight_bucket_bytes)
+    sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, cfg.rollout.weight_bucket_bytes, hosts=ctx.engine_hosts)
 
     progress(f"RL steps through trainer.train_step: {warmup} warm-up + {repeats} timed")
     times, steps = [], []

@@ -1,4 +1,4 @@
-"""SGLang rollout engine: one offline `sglang.Engine` per node (its own TP size), colocated with training by default.
+"""SGLang rollout engine: one offline `sglang.Engine` per placement slot (its own TP size; rollout/placement.py).
 
 Facts this module relies on, read from SGLang 0.5.23's source (the version CI installs; re-check on upgrades):
   * Engine(**ServerArgs fields): model_path, tp_size, mem_fraction_static, enable_memory_saver (needed for
@@ -214,7 +214,8 @@ def flattened_bucket_payload(bucket: WeightBucket, tp_size: int,
 class SGLangEngine:
     """GPU-only: not run in CI (no CUDA here). The `RolloutEngine` protocol on an offline `sglang.Engine`.
 
-    One engine per node, TP size `rollout.engine_tp_size`, GPUs from `base_gpu_id`; memory saver on when colocated so
+    One engine per placement slot, TP size `rollout.engine_tp_size`, GPUs from `base_gpu_id` (the slot's first
+    GPU; several engines on one node each get their own IPC sockets and NCCL port); memory saver on when colocated so
     that `release_memory` frees weights, KV cache and CUDA graphs while training. Sampling follows the HF engine's
     token policy (blocked ids, end ids; `engine_common.TokenPolicy`)."""
 

@@ -94,3 +94,25 @@ class DistributedWeightSender:
         if self._group is not None:
             torch.distributed.destroy_process_group(self._group)
             self._group = None
+
+
+class BroadcastWeightsEngine:
+    """GPU-only: not run (no GPU was available). An SGLang engine on GPUs the trainer does not use
+    (rollout.colocate=false), connected to a `DistributedWeightSender` in its host's process: `update_weights` sends
+    each bucket by NCCL broadcast (`SGLangEngine.update_weights_distributed`) instead of CUDA IPC; every other call
+    goes to the engine."""
+
+    reads_buckets_after_return = True  # the broadcast runs on NCCL's stream: each bucket keeps its own buffer
+
+    def __init__(self, engine, sender: DistributedWeightSender):
+        self.engine, self.sender = engine, sender
+
+    def update_weights(self, buckets) -> None:
+        self.engine.update_weights_distributed(buckets, self.sender)
+
+    def shutdown(self) -> None:
+        self.sender.close()
+        self.engine.shutdown()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)

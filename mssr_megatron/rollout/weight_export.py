@@ -1,15 +1,16 @@
 """Trainer -> rollout engine weight sync: Megatron shards -> full HF-named tensors -> buckets -> engine.update_weights.
 
-Every rank of a pipeline group takes part; the OWNER of the group (pipeline stage 0, tensor-parallel rank 0: the
-rank that drives the node's engine) receives everything:
+Every rank of a pipeline group takes part; its RECEIVER (`group_receiver`: the group's pipeline-stage-0 rank when it
+hosts a rollout engine; without a list of hosts, the stage-0 rank of tensor-parallel rank 0) receives everything, and
+groups without a receiver send nothing:
   1. each stage gathers its tensor-parallel shards one parameter at a time and turns them into HF tensors through
      the mapping table (`hf_bridge.export_hf_weights`);
-  2. stage 0's owner streams its own tensors, then receives those of stages 1..PP-1 in order, point to point from
-     each stage's TP-rank-0 (a header object, then the tensor), one tensor at a time;
-  3. the owner packs the stream into buckets of `bucket_bytes` (`buckets.stream_buckets`, one reused buffer, or one
+  2. the receiver streams its own tensors, then receives those of stages 1..PP-1 in order, point to point from
+     its group's rank of each stage (a header object, then the tensor), one tensor at a time;
+  3. the receiver packs the stream into buckets of `bucket_bytes` (`buckets.stream_buckets`, one reused buffer, or one
      buffer per bucket for an engine that reads a bucket after its update call returned) and hands each to the
      engine before the next is built.
-Peak extra memory on the owner: one bucket plus one full parameter (and its TP shards while gathering).
+Peak extra memory on a receiver: one bucket plus one full parameter (and its TP shards while gathering).
 
 Devices: tensors stay where the model is (on GPU, the exported tensors and the buckets are CUDA tensors); the engine
 takes them from there (HF: an in-place copy into its own weights on any device; SGLang: CUDA IPC handles; vLLM:
@@ -21,7 +22,7 @@ run (no GPU was available); the same code runs on CPU + gloo in the tests.
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,22 +44,40 @@ def _layout():
 
 
 def is_weight_owner() -> bool:
-    """Whether this rank receives the full weights (pipeline stage 0, tensor-parallel rank 0)."""
+    """Whether this rank receives the full weights by default (pipeline stage 0, tensor-parallel rank 0)."""
     tp_rank, pp_rank, _, _ = _layout()
     return tp_rank == 0 and pp_rank == 0
 
 
-def export_full_weights(model, dims: ModelDims, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """On the owner: every (published HF name, full tensor) of the model, stage by stage. Other ranks send their
-    stage's tensors (or only help gather them) and yield nothing. Must be iterated to the end on every rank."""
-    tp_rank, pp_rank, pp_size, pp_group = _layout()
-    local = export_hf_weights(model, dims, dtype)
+def group_receiver(hosts: Collection[int] | None = None) -> int | None:
+    """The global rank that receives this rank's pipeline group's full weights, or None when the group has no
+    receiver. With `hosts` (the engines' host ranks): the group's stage-0 rank when it hosts an engine (any TP rank:
+    export_hf_weights all-gathers the TP shards, so every TP rank of a stage holds the full tensors). Without: the
+    stage-0 rank of the groups of TP rank 0 (`is_weight_owner`)."""
+    tp_rank, _, pp_size, pp_group = _layout()
     if pp_size == 1:
-        yield from (local if tp_rank == 0 else _drain(local))
+        stage0 = dist.get_rank() if dist.is_initialized() else 0
+    else:
+        stage0 = dist.get_global_rank(pp_group, 0)
+    if hosts is None:
+        return stage0 if tp_rank == 0 else None
+    return stage0 if stage0 in hosts else None
+
+
+def export_full_weights(model, dims: ModelDims, dtype: torch.dtype | None = None,
+                        hosts: Collection[int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """On a receiver (`group_receiver(hosts)`): every (published HF name, full tensor) of the model, stage by stage.
+    The later stages of its pipeline group send their tensors; ranks of groups without a receiver only help gather
+    the TP shards and send nothing. Yields nothing off the receivers. Must be iterated to the end on every rank."""
+    _, pp_rank, pp_size, pp_group = _layout()
+    local = export_hf_weights(model, dims, dtype)
+    receiver = group_receiver(hosts)
+    me = dist.get_rank() if dist.is_initialized() else 0
+    if receiver is None:
+        _drain(local)
         return
-    owner = dist.get_global_rank(pp_group, 0)
     if pp_rank == 0:
-        if tp_rank != 0:
+        if me != receiver:  # pp_size 1: a rank that is not a host only helps gather
             _drain(local)
             return
         yield from local
@@ -73,13 +92,10 @@ def export_full_weights(model, dims: ModelDims, dtype: torch.dtype | None = None
                 dist.recv(tensor, src=src)
                 yield name, tensor
         return
-    if tp_rank != 0:  # the other TP ranks of a later stage only help gather
-        _drain(local)
-        return
     for name, tensor in local:
-        _send_object((name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")), owner)
-        dist.send(tensor.contiguous(), dst=owner)
-    _send_object(_END, owner)
+        _send_object((name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")), receiver)
+        dist.send(tensor.contiguous(), dst=receiver)
+    _send_object(_END, receiver)
 
 
 def _drain(iterator) -> list:
@@ -110,10 +126,11 @@ def check_verifiable(engine) -> None:
 
 
 def sync_weights(model, dims: ModelDims, engine, bucket_bytes: int, dtype: torch.dtype | None = None,
-                 verify: bool = False) -> dict[str, float]:
-    """Push the model's current weights into `engine` (on an owner that holds one; other ranks only send) and report
-    bytes, buckets, seconds and GB/s. verify=True compares the engine's checksums with what was sent; an engine
-    without checksums is refused before anything is sent (`check_verifiable`).
+                 verify: bool = False, hosts: Collection[int] | None = None) -> dict[str, float]:
+    """Push the model's current weights into `engine` on every receiver that holds one (`hosts`: the engines' host
+    ranks, see `group_receiver`; other ranks only send or help gather) and report bytes, buckets, seconds and GB/s.
+    verify=True compares the engine's checksums with what was sent; an engine without checksums is refused before
+    anything is sent (`check_verifiable`).
 
     An engine whose class sets `reads_buckets_after_return = True` (SGLang: CUDA IPC, unsynchronised copy) gets a
     fresh buffer per bucket, so no bucket is overwritten while the engine may still read it."""
@@ -123,29 +140,30 @@ def sync_weights(model, dims: ModelDims, engine, bucket_bytes: int, dtype: torch
     sent: dict[str, str] = {}
     total = count = 0
     fresh = bool(getattr(engine, "reads_buckets_after_return", False))
+    receives = group_receiver(hosts) == (dist.get_rank() if dist.is_initialized() else 0) and engine is not None
 
     def buckets() -> Iterator[WeightBucket]:
         nonlocal total, count
-        for bucket in stream_buckets(export_full_weights(model, dims, dtype), bucket_bytes, fresh_buffers=fresh):
+        for bucket in stream_buckets(export_full_weights(model, dims, dtype, hosts), bucket_bytes,
+                                     fresh_buffers=fresh):
             total += bucket.nbytes
             count += 1
             if verify:
                 sent.update(bucket.checksums())
             yield bucket
 
-    if is_weight_owner() and engine is not None:
+    if receives:
         engine.update_weights(buckets())
-    else:  # other ranks only send (or help gather); an owner without an engine (another DP replica) drops the stream
-        for _ in export_full_weights(model, dims, dtype):
+    else:  # other ranks only send (or help gather); without `hosts`, an owner without an engine drops the stream
+        for _ in export_full_weights(model, dims, dtype, hosts):
             pass
     seconds = time.perf_counter() - start
     metrics = {"sync/bytes": float(total), "sync/buckets": float(count), "sync/seconds": seconds,
                "sync/gb_per_s": total / seconds / 1e9 if seconds > 0 else 0.0}
-    if verify and is_weight_owner() and engine is not None:
+    if verify and receives:
         held = engine.weight_checksums()
         bad = sorted(name for name, digest in sent.items() if held.get(name) != digest)
         if bad:
             raise RuntimeError(f"weight sync verification failed for {len(bad)} tensors, e.g. {bad[:3]}")
         metrics["sync/verified_tensors"] = float(len(sent))
     return metrics
-

@@ -18,7 +18,7 @@ from mssr_megatron.algorithms.losses import kl_penalty, masked_mean
 from mssr_megatron.train.experience import Experience, build_experience, sequence_multiple
 from mssr_megatron.rollout.logprob_agreement import logprob_mismatch
 from mssr_megatron.rollout.protocol import SamplingParams
-from mssr_megatron.parallel import wait_for_driver
+from mssr_megatron.parallel import run_on_hosts
 from mssr_megatron.train.run_context import RunContext
 
 
@@ -34,32 +34,67 @@ def sampling_params(ctx: RunContext, *, validation: bool = False, seed: int | No
 
 
 def generate(ctx: RunContext, records, sampling: SamplingParams):
-    """Rollouts for the records (n per record, flat, record order) on the driver, on every rank (the others wait
-    outside any collective: `parallel.wait_for_driver`)."""
+    """Rollouts for the records (n per record, flat, record order), on every rank. Each engine (`ctx.engine_slots`)
+    generates a contiguous slice of the records on its host while the other ranks wait outside any collective
+    (`parallel.run_on_hosts`); request ids are global record positions, and the slices are concatenated in engine
+    order, which is record order.
+
+    Seeds: engine k gets sampling.seed + start_k * n, so SGLang and vLLM, which seed request i's samples with
+    seed + i * n + sample, give each request the seeds a single engine would. The HF engine seeds its whole call once
+    (torch.manual_seed), so its rollouts depend on how the records are split over engines."""
+    from dataclasses import replace
+
     from mssr_megatron.data.prompts import build_request
+    from mssr_megatron.rollout.placement import prompt_slices
+
+    slices = prompt_slices(len(records), len(ctx.engine_slots))
 
     def run():
-        requests = [build_request(rec, ctx.cfg.data.prompt_template, ctx.processor, request_id=f"{i}")
-                    for i, rec in enumerate(records)]
-        return ctx.engine.generate(requests, sampling)
+        start, end = slices[_own_slot(ctx)]
+        if start == end:
+            return []
+        requests = [build_request(records[i], ctx.cfg.data.prompt_template, ctx.processor, request_id=f"{i}")
+                    for i in range(start, end)]
+        seed = None if sampling.seed is None else sampling.seed + start * sampling.n
+        return ctx.engine.generate(requests, replace(sampling, seed=seed))
 
-    return wait_for_driver(run, "rollout generation")
+    parts = run_on_hosts(run, [slot.host_rank for slot in ctx.engine_slots], "rollout generation")
+    return [rollout for part in parts for rollout in part]
 
 
 def grade(ctx: RunContext, records, rollouts) -> tuple[list[float], dict[str, float]]:
-    """Rewards per rollout (the driver grades in its worker pool; the others wait as in `generate`) and reward
-    metrics, on every rank."""
+    """Rewards per rollout and reward metrics, on every rank: each engine's host grades the rollouts of its slice of
+    the records in its worker pool (the other ranks wait as in `generate`); metrics are over the whole batch."""
+    from mssr_megatron.rewards import BatchScores
+    from mssr_megatron.rollout.placement import prompt_slices
+
+    slices = prompt_slices(len(records), len(ctx.engine_slots))
 
     def run():
-        answers = [records[int(r.request_id)].answer for r in rollouts]
-        scores = ctx.grader.score([r.text for r in rollouts], answers, ctx.cfg.data.format_reward_weight)
-        metrics = scores.as_metrics()
-        metrics["rollout/error_frac"] = sum(r.finish_reason == "error" for r in rollouts) / max(len(rollouts), 1)
-        metrics["rollout/truncated_frac"] = sum(r.finish_reason == "length" for r in rollouts) / max(len(rollouts), 1)
-        metrics["rollout/response_length"] = sum(len(r.response_ids) for r in rollouts) / max(len(rollouts), 1)
-        return scores.scores, metrics
+        start, end = slices[_own_slot(ctx)]
+        mine = [r for r in rollouts if start <= int(r.request_id) < end]
+        if not mine:
+            return BatchScores([], [], [], [])
+        answers = [records[int(r.request_id)].answer for r in mine]
+        return ctx.grader.score([r.text for r in mine], answers, ctx.cfg.data.format_reward_weight)
 
-    return wait_for_driver(run, "reward grading")
+    parts = run_on_hosts(run, [slot.host_rank for slot in ctx.engine_slots], "reward grading")
+    offsets = [sum(len(p.scores) for p in parts[:k]) for k in range(len(parts))]  # failures index the whole batch
+    scores = BatchScores([s for p in parts for s in p.scores], [c for p in parts for c in p.correct],
+                         [f for p in parts for f in p.format],
+                         [(offset + i, why) for offset, p in zip(offsets, parts) for i, why in p.failures])
+    metrics = scores.as_metrics()
+    count = max(len(rollouts), 1)
+    metrics["rollout/error_frac"] = sum(r.finish_reason == "error" for r in rollouts) / count
+    metrics["rollout/truncated_frac"] = sum(r.finish_reason == "length" for r in rollouts) / count
+    metrics["rollout/response_length"] = sum(len(r.response_ids) for r in rollouts) / count
+    return scores.scores, metrics
+
+
+def _own_slot(ctx: RunContext) -> int:
+    """The index of the engine this rank hosts (called on hosts only)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return next(slot.index for slot in ctx.engine_slots if slot.host_rank == rank)
 
 
 def make_experience(ctx: RunContext, records, rollouts, rewards) -> Experience:

@@ -227,7 +227,8 @@ def maybe_resume(ctx) -> bool:
     else:
         log.warning("no RNG state for rank %d in %s (world size changed); RNG streams restart", _rank(), path)
     ctx.logger.resume(ctx.step)
-    sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, ctx.cfg.rollout.weight_bucket_bytes)
+    sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, ctx.cfg.rollout.weight_bucket_bytes,
+                 hosts=ctx.engine_hosts)
     log.info("resumed from %s at step %d", path, ctx.step)
     return True
 

@@ -1,16 +1,18 @@
 """Everything a training run holds, built once from the config: process groups, policy and reference models,
-the rollout engine, data, reward grader, algorithm state, metrics and checkpoints.
+the rollout engines, data, reward grader, algorithm state, metrics and checkpoints.
 
-Placement: one rollout engine for the job, on global rank 0 (the weight owner of the first data-parallel replica),
-which generates every rollout of the step. Rollouts and rewards are broadcast to every rank; each data-parallel
-replica trains on its slice of the rollouts; the algorithm state (tracker, forgetting rule) is kept identical on every
-rank. One engine per node, each generating its replica's share, is the next step for multi-node GPU jobs (the engine
-factory and the weight export already work per owner rank).
+Placement (`rollout.engines`, rollout/placement.py; `RunContext.engine_slots`): one engine per slot, built on its
+host rank (a pipeline-stage-0 trainer rank; `ctx.engine` is None on every other rank). per_node (the default) fills
+each node's GPUs with engines of `rollout.engine_tp_size` GPUs (on the CPU: one HF engine per trainer rank);
+per_dp_group puts one on each data-parallel replica's weight owner; single one on global rank 0. Each engine
+generates, and its host grades, a contiguous slice of the step's prompts (rl_step.generate / grade); every rank gets
+all rollouts and rewards in prompt order; each data-parallel replica trains on its slice of the rollouts; every host
+receives the full weights from its own pipeline group (weight_export.sync_weights with `hosts`).
 
 Device: `parallel.compute_device(trainer.device)` decides it once, after the process groups exist (on GPU:
 cuda:<LOCAL_RANK>); the policy, the reference model and the HF rollout engine are placed there (`RunContext.device`).
 
-Memory on the engine's GPU (`RunContext.colocation`, rollout.colocate): the engine is built FIRST, on an empty GPU
+Memory on an engine's GPU (`RunContext.colocation`, rollout.colocate): the engines are built FIRST, on an empty GPU
 (SGLang sizes its KV cache and vLLM checks its share from the free memory at start), then released; the policy and
 reference models are built into that room. The context returned holds an engine serving the policy's weights: its
 weights are resumed, filled by a weight sync, then its KV cache is resumed (factory.Colocation).
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mssr_megatron.config import RunConfig, dump_yaml
+from mssr_megatron.rollout.placement import EngineSlot
 
 log = logging.getLogger("mssr")
 
@@ -54,6 +57,13 @@ class RunContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """Where the models run (parallel.compute_device of trainer.device); Experience and algorithm state stay on the
     CPU."""
+    engine_slots: list = field(default_factory=lambda: [EngineSlot(0, 0, 0, ())])
+    """placement.EngineSlot of every engine of the job, in prompt-slice order (the same list on every rank)."""
+
+    @property
+    def engine_hosts(self) -> list[int]:
+        """Global ranks that drive an engine (and receive the full weights in a sync)."""
+        return [slot.host_rank for slot in self.engine_slots]
 
     @property
     def rank(self) -> int:
@@ -61,7 +71,7 @@ class RunContext:
 
     @property
     def is_driver(self) -> bool:
-        """The rank that drives the engine, grades and logs."""
+        """The rank that logs and writes the run's files (global rank 0; engines have their own hosts)."""
         return self.rank == 0
 
     def close(self) -> None:
@@ -109,11 +119,12 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.metrics import MetricsLogger
     from mssr_megatron.models.provider import check_layout
     from mssr_megatron.models.processor import load_processor
-    from mssr_megatron.parallel import compute_device, init_megatron, wait_for_driver
+    from mssr_megatron.parallel import compute_device, init_megatron, run_on_hosts
     from mssr_megatron.plan import check_training_start
     from mssr_megatron.rewards import RewardGrader
     from mssr_megatron.rollout.factory import Colocation
     from mssr_megatron.rollout.nccl_env import set_engine_nccl_env
+    from mssr_megatron.rollout.placement import live_engine_slots, reward_workers_per_host
     from mssr_megatron.rollout.sampling import blocked_token_ids
     from mssr_megatron.rollout.weight_export import sync_weights
 
@@ -137,8 +148,11 @@ def build_context(cfg: RunConfig) -> RunContext:
         log.info(train_set.summary())
         if val_set is not None:
             log.info(val_set.summary())
-    # the engine before the models (see module docstring); the other ranks wait outside any collective meanwhile
-    engine = wait_for_driver(lambda: _build_engine(cfg, device), "rollout engine start-up", share=False)
+    # the engines before the models (see module docstring); the other ranks wait outside any collective meanwhile
+    slots = live_engine_slots(cfg.rollout, device)
+    own = [slot for slot in slots if slot.host_rank == dist.get_rank()]
+    engine = run_on_hosts(lambda: _build_engine(cfg, device, own[0]), [slot.host_rank for slot in slots],
+                          "rollout engine start-up", share=False)
     colocation = Colocation.from_config(cfg, engine)
     colocation.release()
     torch.manual_seed(cfg.trainer.seed)  # after the engine: the same RNG stream on every rank, with any engine
@@ -152,27 +166,51 @@ def build_context(cfg: RunConfig) -> RunContext:
         reference = MegatronActor(hf_config, cfg.model, device=device, parallel_cfg=cfg.parallel)
         reference.load_hf_state(HFTensors(cfg.model.ref_hf_path or cfg.model.hf_path))
     with colocation.weight_update():  # the engine serves the policy's weights from here on
-        sync_weights(actor.module, actor.dims, engine, cfg.rollout.weight_bucket_bytes)
+        sync_weights(actor.module, actor.dims, engine, cfg.rollout.weight_bucket_bytes,
+                     hosts=[slot.host_rank for slot in slots])
     algo = RLAlgorithm(cfg.algorithm)
     sampler = PromptSampler(len(train_set), cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    grader = RewardGrader(cfg.data.reward, num_workers=cfg.data.reward_workers, timeout_s=cfg.data.reward_timeout_s)
+    # every rank holds a grader, but its worker pool starts on first use: on the engines' hosts only (rl_step.grade),
+    # which share their node's data.reward_workers
+    workers = reward_workers_per_host(cfg.data.reward_workers, slots, dist.get_rank()) if own else 0
+    grader = RewardGrader(cfg.data.reward, num_workers=workers, timeout_s=cfg.data.reward_timeout_s)
     logger = MetricsLogger(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                            progress_bar=cfg.logging.progress_bar, total_steps=cfg.trainer.total_steps, enabled=rank0)
     return RunContext(cfg=cfg, hf_config=hf_config, processor=processor, actor=actor, reference=reference,
                       engine=engine, colocation=colocation, grader=grader, algo=algo, train=train_set, val=val_set,
                       sampler=sampler, logger=logger,
                       blocked_ids=blocked_token_ids(processor.tokenizer, hf_config.text_config.vocab_size),
-                      run_dir=run_dir, device=device)
+                      run_dir=run_dir, device=device, engine_slots=slots)
 
 
-def _build_engine(cfg: RunConfig, device: torch.device):
-    """The job's rollout engine (global rank 0). The HF engine runs beside the policy, in its dtype (the weight sync
-    copies tensors of the same dtype)."""
+def _build_engine(cfg: RunConfig, device: torch.device, slot: EngineSlot):
+    """This host's rollout engine, on the slot's GPUs. The HF engine runs in the policy's dtype (the weight sync
+    copies tensors of the same dtype), beside the policy or on its own GPU (rollout.colocate=false); SGLang starts at
+    the slot's first GPU. With rollout.colocate=false, SGLang receives the weights by NCCL broadcast from this rank
+    (`weight_broadcast.BroadcastWeightsEngine`): GPU-only: not run (no GPU was available)."""
+    from mssr_megatron.config import ConfigError
     from mssr_megatron.rollout.factory import build_engine
 
-    kwargs = ({"max_batch_size": cfg.rollout.hf_batch_size, "device": device, "dtype": cfg.model.params_dtype}
-              if cfg.rollout.engine == "hf" else {})
-    return build_engine(cfg, cfg.model.hf_path, **kwargs)
+    r = cfg.rollout
+    if r.engine == "hf":
+        if slot.gpu_ids:  # GPU-only: not run (no GPU was available)
+            device = torch.device("cuda", slot.gpu_ids[0])
+        return build_engine(cfg, cfg.model.hf_path, max_batch_size=r.hf_batch_size, device=device,
+                            dtype=cfg.model.params_dtype)
+    if r.engine == "vllm":
+        if slot.gpu_ids[:1] != (0,):  # vLLM places its workers from the first visible GPU; it has no base GPU id
+            raise ConfigError(f"rollout.engine=vllm cannot start an engine at GPU {slot.gpu_ids[0]} of its node: use "
+                              "rollout.engines=single with rollout.colocate=true, or rollout.engine=sglang")
+        return build_engine(cfg, cfg.model.hf_path)
+    engine = build_engine(cfg, cfg.model.hf_path, base_gpu_id=slot.gpu_ids[0])  # GPU-only: not run
+    if r.colocate:
+        return engine
+    from mssr_megatron.parallel import free_port
+    from mssr_megatron.rollout.weight_broadcast import BroadcastWeightsEngine, DistributedWeightSender
+
+    sender = DistributedWeightSender("127.0.0.1", free_port(), r.engine_tp_size)  # the engine runs on this node
+    engine.connect(sender)
+    return BroadcastWeightsEngine(engine, sender)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -95,7 +95,8 @@ def train_step(ctx: RunContext) -> dict[str, float]:
         with ctx.colocation.training():
             metrics.update(_train_on(ctx, exp, rows, timer))
         with timer("weight_sync"), ctx.colocation.weight_update():
-            metrics.update(sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, cfg.rollout.weight_bucket_bytes))
+            metrics.update(sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, cfg.rollout.weight_bucket_bytes,
+                                        hosts=ctx.engine_hosts))
     metrics.update(timer.pop())
     return rl_step.from_last_stage(metrics)
 
