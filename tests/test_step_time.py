@@ -31,7 +31,7 @@ SMALL_CONFIG = {
 def small_run_config() -> RunConfig:
     cfg = RunConfig()
     cfg.data.prompts_per_step, cfg.rollout.n, cfg.rollout.max_new_tokens = 7, 2, 10  # 14 rollouts
-    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = 2, 2
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = 4, 1
     cfg.rollout.engine_tp_size, cfg.rollout.colocate = 2, True
     cfg.algorithm.use_kl_loss = True  # old policy + reference: 2 log-prob passes
     cfg.optimizer.ppo_epochs = 1
@@ -50,7 +50,7 @@ def test_small_case_by_hand():
                             peak_tflops=2 * forward / 1e12, sync_gbps_ipc=6.92e-6, mean_prompt_tokens=6,
                             mean_image_tokens=0, mean_response_tokens=4)
     model = step_time(small_run_config(), SMALL_CONFIG, inputs)
-    # 8 GPUs, TP 2 x PP 2 -> DP 2; engine TP 2: single 1 engine, per_dp_group 2, per_node 2 x (4 // 2) = 4
+    # 8 GPUs, TP 4 x PP 1 -> DP 2; engine TP 2: single 1 engine, per_dp_group 2, per_node 2 x (4 // 2) = 4
     # generation: ceil(14 / engines) rollouts x 4 tokens / (2 GPUs x 5 tokens/s)
     expected_generation = {"single": 14 * 4 / 10, "per_dp_group": 7 * 4 / 10, "per_node": 4 * 4 / 10}
     # weights: layers 2 x 608, embedding + output 2 x 800, final norm 8, vision tower 48 + 176 + 412 (see
@@ -86,7 +86,9 @@ def test_a_placement_that_needs_more_gpus_than_the_cluster_is_not_tabled():
     inputs = StepTimeInputs(nodes=1, gpus_per_node=4, mean_image_tokens=0)
     model = step_time(cfg, SMALL_CONFIG, inputs)
     assert set(model.modes) == {"single", "per_node"}
-    assert model.unavailable == {"per_dp_group": "4 engines x engine TP 2 need more than the cluster's 4 GPUs"}
+    # the placement's own refusal: replica 3's engine would need GPUs 3 and 4 of a 4-GPU node
+    assert model.unavailable == {"per_dp_group": "rollout.engines=per_dp_group: engine 3 needs GPUs 3..4 of node 0, "
+                                                 "beyond the trainer's GPUs of its 4: lower rollout.engine_tp_size"}
 
 
 def test_a_rate_that_is_not_positive_is_refused_by_name():
@@ -94,24 +96,24 @@ def test_a_rate_that_is_not_positive_is_refused_by_name():
         step_time(small_run_config(), SMALL_CONFIG, StepTimeInputs(gen_tokens_per_gpu=0.0, mean_image_tokens=0))
 
 
-@pytest.mark.parametrize("mode, nodes, gpus_per_node, engine_tp, dp, engines", [
-    ("single", 2, 8, 1, 8, 1),
-    ("single", 1, 8, 4, 2, 1),
-    ("per_node", 1, 8, 1, 4, 8),
-    ("per_node", 2, 8, 2, 8, 8),
-    ("per_node", 2, 8, 3, 16, 4),     # 8 // 3 = 2 engines per node, two GPUs per node left out
-    ("per_dp_group", 2, 8, 1, 8, 8),
-    ("per_dp_group", 1, 8, 2, 2, 2),
+@pytest.mark.parametrize("mode, nodes, gpus_per_node, engine_tp, tp, pp, engines", [
+    ("single", 2, 8, 1, 2, 1, 1),
+    ("single", 1, 8, 4, 4, 1, 1),
+    ("per_node", 1, 8, 1, 2, 1, 8),
+    ("per_node", 2, 8, 2, 2, 1, 8),
+    ("per_node", 2, 8, 3, 1, 1, 4),     # 8 // 3 = 2 engines per node, two GPUs per node left out
+    ("per_dp_group", 2, 8, 1, 2, 1, 8),  # DP 8
+    ("per_dp_group", 1, 8, 2, 4, 1, 2),  # DP 2, engines of TP 2 on each replica's first GPUs
 ])
-def test_engine_counts_per_mode(mode, nodes, gpus_per_node, engine_tp, dp, engines):
-    assert engine_count(mode, nodes, gpus_per_node, engine_tp, dp) == engines
+def test_engine_counts_per_mode(mode, nodes, gpus_per_node, engine_tp, tp, pp, engines):
+    assert engine_count(mode, nodes, gpus_per_node, engine_tp, tp, pp) == engines
 
 
 def test_engine_count_refuses_what_cannot_be_placed():
-    with pytest.raises(ValueError, match="rollout.engine_tp_size <= 8"):
-        engine_count("per_node", 2, 8, 16, 1)
-    with pytest.raises(ValueError, match="one of single, per_dp_group, per_node"):
-        engine_count("per_gpu", 1, 8, 1, 8)
+    with pytest.raises(ValueError, match="engine_tp_size=16 is larger than a node's 8"):
+        engine_count("per_node", 2, 8, 16, 1, 1)
+    with pytest.raises(ValueError, match="must be one of per_node, per_dp_group, single"):
+        engine_count("per_gpu", 1, 8, 1, 1, 1)
 
 
 def test_image_grid_has_the_requested_tokens():

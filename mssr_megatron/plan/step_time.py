@@ -33,7 +33,7 @@ from mssr_megatron.bench.flops import forward_flops, training_flops
 from mssr_megatron.plan.memory import GB
 from mssr_megatron.plan.shapes import ModelShape
 
-ENGINE_MODES = ("single", "per_dp_group", "per_node")
+TABLE_MODES = ("single", "per_dp_group", "per_node")  # placement.ENGINE_MODES, the baseline (single) first
 PHASES = ("generation", "generation_tail", "logprobs", "update", "weight_sync")
 ENGINE_BYTES_PER_PARAM = 2  # SGLang/vLLM serve bf16 weights
 
@@ -48,21 +48,14 @@ DEFAULTS = {
 """Defaults of the rates (value, where it comes from). Every one is an assumption until measured on the cluster."""
 
 
-def engine_count(mode: str, nodes: int, gpus_per_node: int, engine_tp_size: int, data_parallel_size: int) -> int:
-    """Rollout engines that `rollout.engines=mode` runs: single = one (on global rank 0, engine_tp_size GPUs);
-    per_node = every node's GPUs filled, gpus_per_node // engine_tp_size engines per node; per_dp_group = one per
-    data-parallel replica. A stand-in for the engine placement module of issue 11 item 1: the lead replaces this
-    function with that module's count at merge."""
-    if engine_tp_size > gpus_per_node and mode != "single":
-        raise ValueError(f"rollout.engines={mode}: an engine of TP {engine_tp_size} spans more than a node's "
-                         f"{gpus_per_node} GPUs; use rollout.engine_tp_size <= {gpus_per_node}")
-    if mode == "single":
-        return 1
-    if mode == "per_node":
-        return nodes * (gpus_per_node // engine_tp_size)
-    if mode == "per_dp_group":
-        return data_parallel_size
-    raise ValueError(f"unknown rollout.engines={mode!r}: one of {', '.join(ENGINE_MODES)}")
+def engine_count(mode: str, nodes: int, gpus_per_node: int, engine_tp_size: int, tp: int, pp: int) -> int:
+    """Rollout engines that `rollout.engines=mode` runs on a cluster whose every GPU holds a trainer rank (colocated
+    engines): the placement module's own count (`rollout.placement.engine_slots`). A ConfigError (a ValueError)
+    names what cannot be placed."""
+    from mssr_megatron.rollout.placement import engine_slots
+
+    return len(engine_slots(mode, world_size=nodes * gpus_per_node, ranks_per_node=gpus_per_node,
+                            gpus_per_node=gpus_per_node, tp=tp, pp=pp, engine_tp_size=engine_tp_size, colocate=True))
 
 
 @dataclass
@@ -213,15 +206,12 @@ def step_time(cfg, config: dict, inputs: StepTimeInputs) -> StepTimeModel:
               "update": cfg.optimizer.ppo_epochs * rollouts * train / (gpus * flop_rate),
               "weight_sync": weight_bytes / (sync_gbps * GB)}
     modes, unavailable = {}, {}
-    for mode in ENGINE_MODES:
+    for mode in TABLE_MODES:
         try:
-            engines = engine_count(mode, inputs.nodes, inputs.gpus_per_node, r.engine_tp_size, dp)
+            engines = engine_count(mode, inputs.nodes, inputs.gpus_per_node, r.engine_tp_size,
+                                   p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
         except ValueError as exc:
             unavailable[mode] = str(exc)
-            continue
-        if engines * r.engine_tp_size > gpus:
-            unavailable[mode] = (f"{engines} engines x engine TP {r.engine_tp_size} need more than the cluster's "
-                                 f"{gpus} GPUs")
             continue
         per_engine = -(-rollouts // engines)
         bulk = per_engine * response / (r.engine_tp_size * gen_rate)
