@@ -1,6 +1,7 @@
-"""The loop at data-parallel size 2 on a tiny random Qwen2.5-VL (gloo, real processes): the spo forgetting rule and
-REINFORCE++ with the KL in the reward run (every checkpoint save also checks that both ranks hold the same algorithm
-state), and SIGTERM to one worker then a resume gives exactly the metrics of an uninterrupted run."""
+"""The loop on two ranks of a tiny random Qwen2.5-VL (gloo, real processes): at DP=2 the spo forgetting rule and
+REINFORCE++ with the KL in the reward run, and the spo rule at PP=2 (every checkpoint save also checks that both ranks
+hold the same algorithm state); SIGTERM to one worker then a resume at DP=2 gives exactly the metrics of an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -32,17 +33,18 @@ def _train_worker(rank: int, config_path: str, extra: list, record_dir: str) -> 
     from mssr_megatron.config import load_config
     from mssr_megatron.train.trainer import train
 
-    seen = []
-    advantages, after_update = RLAlgorithm.advantages, RLAlgorithm.after_update
+    seen = {"advantages": [], "after_update": []}
 
-    def recorded(method):
+    def recorded(name):
+        method = getattr(RLAlgorithm, name)
+
         def call(self, *args, **kwargs):
             out = method(self, *args, **kwargs)
-            seen.append(out if isinstance(out, dict) else out.metrics)
+            seen[name].append(out if isinstance(out, dict) else out.metrics)
             return out
         return call
 
-    RLAlgorithm.advantages, RLAlgorithm.after_update = recorded(advantages), recorded(after_update)
+    RLAlgorithm.advantages, RLAlgorithm.after_update = recorded("advantages"), recorded("after_update")
     train(load_config(config_path, extra))
     with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as f:
         json.dump(seen, f)
@@ -56,13 +58,18 @@ def _metrics(run_dir) -> dict[int, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["algorithm.baseline.rho_rule=spo"],
-                                   ["algorithm.estimator=reinforce_pp", "algorithm.kl_in_reward=true"]],
-                         ids=["spo", "reinforce_pp_kl_in_reward"])
-def test_two_replicas_train(tmp_path, assets, extra):
+                                   ["algorithm.estimator=reinforce_pp", "algorithm.kl_in_reward=true"],
+                                   ["algorithm.baseline.rho_rule=spo", "parallel.pipeline_model_parallel_size=2"]],
+                         ids=["spo", "reinforce_pp_kl_in_reward", "spo_pp2"])
+def test_two_ranks_train(tmp_path, assets, extra):
     spawn(_train_worker, 2, "examples/configs/tiny_cpu.yaml", overrides(assets, str(tmp_path / "run"), *extra),
           str(tmp_path))
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert len(per_rank[0]) >= 2 and per_rank[0] == per_rank[1]  # both ranks computed the global batch's figures
+    assert len(per_rank[1]["advantages"]) == 2 and per_rank[0]["after_update"] == per_rank[1]["after_update"]
+    if "parallel.pipeline_model_parallel_size=2" in extra:  # the first stage has no log-probs and needs none
+        assert per_rank[0]["advantages"] == [{}, {}] and per_rank[1]["advantages"][0]
+    else:  # both replicas computed the global batch's figures
+        assert per_rank[0]["advantages"] == per_rank[1]["advantages"]
     steps = [m for s, m in sorted(_metrics(tmp_path / "run").items()) if s > 0]
     assert [m["step"] for m in steps] == [1, 2]
     assert all(math.isfinite(m["actor/loss"]) and m["actor/update_skipped"] == 0.0 for m in steps)

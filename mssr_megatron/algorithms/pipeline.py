@@ -15,7 +15,7 @@ feeds the advantages, the tracker or the forgetting rule is a statistic of the G
 reduction of it happens in this module, through `_global_rows`: each replica computes per-row statistics of its rows,
 an all_gather puts them in global row order, and every rank reduces the same tensor in the same order. So the result
 is bit-identical on every rank and equal to one process given the same per-row values (an all-reduce of partial sums
-is neither: its rounding depends on the split). What is gathered, per step:
+would round differently from one process's sum: it depends on the split). What is gathered, per step:
   - the k3 KL(old || ref) sum and token count of each row: the step's token-mean KL (kl_window rule, kl/old_ref_k3);
   - with algorithm.kl_in_reward, each row's per-token k3 [rows, T] -> [B, T] (REINFORCE++'s token rewards; the
     estimator's cumulative sums and normalisation then run on the whole batch, exactly as in one process);
