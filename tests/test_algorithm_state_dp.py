@@ -161,3 +161,17 @@ def test_rows_must_be_the_replicas_block():
     _, old, ref, _ = step_inputs(0)
     with pytest.raises(ValueError, match="contiguous block"):
         algo.advantages(PROMPTS, torch.ones(B), MASK, rows=torch.arange(4), old_logprobs=old[:4], ref_logprobs=ref[:4])
+
+
+def test_state_digest_tells_states_apart_by_one_ulp():
+    from mssr_megatron.algorithms.distributed import state_digest
+
+    state = {"tracker": {"alpha": torch.tensor([1.0, 2.0], dtype=torch.float64), "ids": ["a", 3]},
+             "rule": {"history": [0.25], "scale": torch.tensor(0.5)}}
+    twin = {"rule": {"scale": torch.tensor(0.5), "history": [0.25]},
+            "tracker": {"ids": ["a", 3], "alpha": torch.tensor([1.0, 2.0], dtype=torch.float64)}}
+    assert state_digest(state) == state_digest(twin)
+    two = torch.tensor(2.0, dtype=torch.float64)
+    twin["tracker"]["alpha"][1] = torch.nextafter(two, two + 1)
+    assert state_digest(state) != state_digest(twin)
+    assert state_digest({"ids": [3]}) != state_digest({"ids": ["3"]})

@@ -71,7 +71,8 @@ def is_last_rank(group) -> bool:
 
 
 def from_last_rank(obj, group=None):
-    """A picklable object of the highest rank of `group`, on every rank of it (identity without a group)."""
+    """A picklable object of the highest rank of `group`, on every rank of it (identity without a group). On NCCL
+    torch moves the pickled bytes through the current CUDA device (GPU-only: not run (no GPU was available))."""
     if not _spans_ranks(group):
         return obj
     box = [obj]

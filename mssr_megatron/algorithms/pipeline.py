@@ -102,9 +102,10 @@ class RLAlgorithm:
         metrics: dict[str, float] = {}
         token_kl = None
         if old_logprobs is not None and ref_logprobs is not None:
-            local_mask = mask[rows].to(torch.float64)
-            k3 = kl_penalty(old_logprobs.detach(), ref_logprobs.detach(), "k3").to(torch.float64) * local_mask
-            per_row = self._global_rows(torch.stack([k3.sum(-1), local_mask.sum(-1)], -1))  # [B, 2]
+            local_mask = mask[rows]
+            k3 = kl_penalty(old_logprobs.detach(), ref_logprobs.detach(), "k3") * local_mask  # log-probs' dtype
+            per_row = self._global_rows(torch.stack([k3.to(torch.float64).sum(-1),
+                                                     local_mask.to(torch.float64).sum(-1)], -1))  # [B, 2]
             self.step_kl = float(per_row[:, 0].sum() / per_row[:, 1].sum().clamp(min=1.0))
             metrics["kl/old_ref_k3"] = self.step_kl
             if self.cfg.kl_in_reward:

@@ -152,7 +152,8 @@ def _restore_adam_steps(optimizer) -> None:
 
 def check_algorithm_state_agrees(algo, step: int) -> None:
     """Raise, on every rank, when the algorithm state (Beta tracker, forgetting rule) differs between ranks: only
-    rank 0's is saved, so a diverged state would silently become every rank's on resume. One all_gather of a digest."""
+    rank 0's is saved, so a diverged state would silently become every rank's on resume. One all_gather of a digest
+    (on NCCL through the current CUDA device: GPU-only: not run (no GPU was available))."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     digests = [None] * dist.get_world_size()
