@@ -19,6 +19,7 @@ import pytest
 from megatron_harness import spawn
 from trainer_assets import build_assets, overrides
 
+STEPS = 6  # the signal lands while the loop still has steps to run, also when a step takes well under a second
 VOLATILE = ("time", "time/", "sync/seconds", "sync/gb_per_s")  # wall-clock figures differ between any two runs
 
 
@@ -85,7 +86,7 @@ def _start(assets, run_dir, *extra) -> subprocess.Popen:
     # an initial pass holds v = 0 whatever rho does; from the prior (v = 0.5) the baseline falls with each 0 reward by
     # an amount that depends on rho. kl_target=1 keeps the step KLs (up to ~0.02 here) on the kl_window rule's slope,
     # where every KL gives its own rho.
-    args = overrides(assets, str(run_dir), "trainer.total_steps=4", "checkpoint.save_every=0",
+    args = overrides(assets, str(run_dir), f"trainer.total_steps={STEPS}", "checkpoint.save_every=0",
                      "algorithm.baseline.init_rollouts=0", "algorithm.baseline.kl_target=1.0", *extra)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -102,8 +103,9 @@ def _wait(proc, timeout=900) -> str:
 
 
 def _worker_of_rank(launcher: subprocess.Popen, rank: int) -> psutil.Process:
-    """The trainer process of global rank `rank` among torchrun's workers."""
-    for child in psutil.Process(launcher.pid).children(recursive=True):
+    """The trainer process of global rank `rank`: a direct child of torchrun (a process the trainer forks keeps its
+    environment and, until it execs, its command line: signalling one of those would miss the trainer)."""
+    for child in psutil.Process(launcher.pid).children(recursive=False):
         try:
             if child.environ().get("RANK") == str(rank) and "mssr_megatron.cli" in child.cmdline():
                 return child
@@ -122,17 +124,17 @@ def test_sigterm_to_one_worker_then_resume_continues_exactly(tmp_path, assets):
     while time.time() < deadline:  # signal once step 1 is logged: the run is then inside step 2
         if metrics_file.exists() and any(json.loads(l)["step"] == 1 for l in metrics_file.read_text().splitlines()):
             break
-        time.sleep(0.2)
+        time.sleep(0.02)
     _worker_of_rank(interrupted, 1).send_signal(signal.SIGTERM)  # not the driver: rank 0 learns it from rank 1
     out = _wait(interrupted)
     assert "signal (to another rank): saving a checkpoint" in out, out[-4000:]
     saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert saved and all(not name.endswith(".tmp") for name in saved), saved
     cut_at = int(saved[-1].split("_")[1])
-    assert 1 <= cut_at < 4
+    assert 1 <= cut_at < STEPS
 
     _wait(_start(assets, tmp_path / "cut", "checkpoint.resume=auto"))
     full, resumed = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
     assert sorted(resumed) == sorted(full)  # no duplicated or missing steps after the resume
-    for step in range(cut_at + 1, 5):
+    for step in range(cut_at + 1, STEPS + 1):
         assert resumed[step] == full[step], step

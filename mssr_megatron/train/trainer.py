@@ -66,7 +66,8 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
         if cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0:
             run_checkpoint.save(ctx)
     saved = ctx.step == start_step or (cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0)
-    if stop.requested:
+    # agreed again: a signal to one rank during the last step would otherwise send the ranks down different branches
+    if stop.agreed():
         if saved:
             log.warning("signal %s: exiting at step %d (%s)", stop.signal_name, ctx.step,
                         "its checkpoint is on disk" if ctx.step else "nothing trained yet")
@@ -208,8 +209,12 @@ class _PreemptionFlag:
 
             flag = torch.tensor([float(self.requested)], device=collective_device())  # NCCL: a CUDA tensor
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.requested = bool(flag.item())
-            if self.requested and not self.signal_name:
-                self.signal_name = "(to another rank)"
+            # the collective's answer is returned, and never written over `requested`: a signal handled while this
+            # rank waited in the all_reduce (the usual place for a rank that is not the driver) set it after `flag`
+            # was read, and is then agreed at the next call instead of being lost
+            if flag.item() == 0.0:
+                return False
+            if not self.requested:
+                self.requested, self.signal_name = True, "(to another rank)"
         return self.requested
 
