@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from mssr_megatron.algorithms.advantages import ESTIMATORS
-from mssr_megatron.algorithms.losses import kl_penalty, masked_mean
 from mssr_megatron.algorithms.pipeline import RLAlgorithm
 from mssr_megatron.config import AlgorithmConfig
 
@@ -103,8 +102,8 @@ class ToyRun:
         with torch.no_grad():
             old_logp, entropy = self.logprobs_entropy(self.logits, prompts, tokens)
             ref_logp, _ = self.logprobs_entropy(self.ref_logits, prompts, tokens)
-        token_kl = kl_penalty(old_logp, ref_logp, "k3")
-        out = self.algo.advantages(prompts.tolist(), rewards, mask, group_index=prompts, token_kl=token_kl)
+        out = self.algo.advantages(prompts.tolist(), rewards, mask, group_index=prompts, old_logprobs=old_logp,
+                                   ref_logprobs=ref_logp)
         advantages, shaping_metrics = self.algo.shape(out.advantages, mask, entropy=entropy, logprobs=old_logp)
         metrics = {**out.metrics, **shaping_metrics}
         order = torch.randperm(len(prompts), generator=self.gen)
@@ -121,10 +120,7 @@ class ToyRun:
         with torch.no_grad():
             new_logp, _ = self.logprobs_entropy(self.logits, prompts, tokens)
         metrics.update(
-            self.algo.after_update(
-                prompts.tolist(), rewards, kl=masked_mean(token_kl, mask),
-                old_logprobs=old_logp, new_logprobs=new_logp, mask=mask,
-            )
+            self.algo.after_update(prompts.tolist(), rewards, mask, old_logprobs=old_logp, new_logprobs=new_logp)
         )
         return metrics
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mssr_megatron.algorithms import BetaBaselineTracker, build_forgetting_rule
-from mssr_megatron.algorithms.forgetting import ConstantRho, KLWindowRho, SPORho
+from mssr_megatron.algorithms.forgetting import ConstantRho, KLWindowRho, SPORho, spo_distance
 from mssr_megatron.config import BaselineConfig
 
 
@@ -131,7 +131,7 @@ def test_spo_rule_hand_worked():
     old = torch.tensor([[-1.0, -2.0], [-1.0, -1.0], [-0.5, -0.5], [0.0, 0.0]])
     new = torch.tensor([[-1.06, -1.94], [-1.006, -0.994], [-0.5, -0.5], [5.0, 5.0]])
     mask = torch.tensor([[1, 1], [1, 1], [1, 1], [0, 0]])
-    rho = rule.step_rho(old_logprobs=old, new_logprobs=new, mask=mask)
+    rho = rule.step_rho(distance=spo_distance(old, new, mask))
     # D = 0.06 -> 2^-1 = 0.5 -> clipped to 0.875;  D = 0.006 -> 2^-0.1;  D = 0 -> 1 -> 0.96;  empty response -> 0.96.
     assert rho.tolist() == pytest.approx([0.875, 2 ** -0.1, 0.96, 0.96])
     assert math.isclose(2 ** -0.1, 0.9330329915368074)

@@ -64,7 +64,7 @@ def _dp_worker(rank: int, out_dir: str) -> None:
     try:
         rollout, trainer, mask = _dp_case()
         rows = slice(2 * rank, 2 * rank + 2)  # this replica's rows, as rl_step.data_parallel_rows gives them
-        torch.save(rl_step.kl_and_mismatch(trainer[rows], None, rollout[rows], mask[rows]), f"{out_dir}/rank{rank}.pt")
+        torch.save(rl_step.mismatch_metrics(trainer[rows], rollout[rows], mask[rows]), f"{out_dir}/rank{rank}.pt")
     finally:
         destroy_megatron()
 

@@ -2,11 +2,11 @@
 
 Each rule is called once per RL step, after the policy update, with what it may need:
 
-    rho = rule.step_rho(kl=<batch-mean token-mean k3 KL(old || ref)>,
-                        old_logprobs=[B, T], new_logprobs=[B, T], mask=[B, T])
+    rho = rule.step_rho(kl=<the global batch's token-mean k3 KL(old || ref)>, distance=<[B] spo_distance per rollout>)
 
-and returns a float (one rho for the whole step) or a [B] tensor (one per rollout). Rules with memory expose
-`state_dict()` / `load_state_dict()` so a resumed run continues exactly.
+and returns a float (one rho for the whole step) or a [B] tensor (one per rollout). Both inputs are global-batch
+statistics: the algorithm pipeline (pipeline.py) computes them from each data-parallel replica's rows. Rules with
+memory expose `state_dict()` / `load_state_dict()` so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -71,19 +71,26 @@ class SPORho:
     def from_config(cls, cfg) -> "SPORho":
         return cls(cfg.rho_min, cfg.rho_max, cfg.spo_d_half)
 
-    def step_rho(self, *, old_logprobs=None, new_logprobs=None, mask=None, **_) -> torch.Tensor:
-        if old_logprobs is None or new_logprobs is None or mask is None:
-            raise ValueError("the spo forgetting rule needs old_logprobs, new_logprobs and mask")
-        m = mask.to(torch.float64)
-        diff = (old_logprobs.detach().to(torch.float64) - new_logprobs.detach().to(torch.float64)).abs() * m
-        distance = diff.sum(-1) / m.sum(-1).clamp(min=1.0)
-        return torch.pow(2.0, -distance / self.d_half).clamp(self.rho_min, self.rho_max)
+    def step_rho(self, *, distance: torch.Tensor | None = None, **_) -> torch.Tensor:
+        if distance is None:
+            raise ValueError("the spo forgetting rule needs each rollout's distance D (distance=spo_distance(...))")
+        return torch.pow(2.0, -distance.to(torch.float64) / self.d_half).clamp(self.rho_min, self.rho_max)
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def spo_distance(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """D per rollout: token-mean |logp_stored - logp_now| over its response (0 for an empty one). [B] float64
+
+    Each row's D depends on that row alone (elementwise ops and a sum along the row), so rows computed on different
+    data-parallel replicas equal the same rows computed in one process."""
+    m = mask.to(torch.float64)
+    diff = (old_logprobs.detach().to(torch.float64) - new_logprobs.detach().to(torch.float64)).abs() * m
+    return diff.sum(-1) / m.sum(-1).clamp(min=1.0)
 
 
 @FORGETTING_RULES.register("constant")

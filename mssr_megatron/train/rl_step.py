@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mssr_megatron.algorithms.losses import kl_penalty, masked_mean
 from mssr_megatron.train.experience import Experience, build_experience, sequence_multiple
 from mssr_megatron.rollout.logprob_agreement import logprob_mismatch
 from mssr_megatron.rollout.protocol import SamplingParams
@@ -223,18 +222,14 @@ def from_last_stage(value):
     return box[0]
 
 
-def kl_and_mismatch(old_logprobs, ref_logprobs, rollout_logprobs, mask) -> dict[str, float]:
-    """Step KL(old || ref) (k3, token mean: the kl_window rule's input) and engine/trainer log-prob mismatch (over
-    every data-parallel replica's rows: the same values on every rank of the last stage)."""
-    out: dict[str, float] = {}
+def mismatch_metrics(old_logprobs, rollout_logprobs, mask) -> dict[str, float]:
+    """Engine/trainer log-prob mismatch over every data-parallel replica's rows (the same values on every rank of the
+    last stage; the step's KL to the reference is the algorithm pipeline's: RLAlgorithm.advantages measures it on the
+    global batch)."""
     if old_logprobs is None:
-        return out
-    if ref_logprobs is not None:
-        out["kl/old_ref_k3"] = masked_mean(kl_penalty(old_logprobs, ref_logprobs, "k3"), mask)
+        return {}
     mismatch = logprob_mismatch(rollout_logprobs, old_logprobs, mask, group=_data_parallel_group())
-    out.update({f"mismatch/{k}": float(v) for k, v in mismatch.items()})
-    return out
-
+    return {f"mismatch/{k}": float(v) for k, v in mismatch.items()}
 
 
 def _data_parallel_group():

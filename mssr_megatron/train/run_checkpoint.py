@@ -3,7 +3,8 @@
     <save_dir>/step_000010/
         model/            megatron distributed checkpoint: model + optimizer (resharding-capable; with the distributed
                           optimizer only the data-parallel size may change on resume, see DISTRIBUTED_OPTIMIZER_FORMAT)
-        trainer_state.pt  step, LR schedule, Beta tracker + forgetting rule, sampler position (rank 0)
+        trainer_state.pt  step, LR schedule, Beta tracker + forgetting rule (the same on every rank: checked),
+                          sampler position (rank 0)
         rng/rank_<r>.pt   every RNG stream of rank r (torch, megatron's model-parallel tracker, python, numpy)
         COMPLETE          written last: a directory without it is not a checkpoint
 A checkpoint is first written to `step_000010.tmp` and renamed when complete, so a crash or a preemption mid-write
@@ -149,8 +150,27 @@ def _restore_adam_steps(optimizer) -> None:
                                                        device=param_state["step"].device)
 
 
+def check_algorithm_state_agrees(algo, step: int) -> None:
+    """Raise, on every rank, when the algorithm state (Beta tracker, forgetting rule) differs between ranks: only
+    rank 0's is saved, so a diverged state would silently become every rank's on resume. One all_gather of a digest
+    (on NCCL through the current CUDA device: GPU-only: not run (no GPU was available))."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, algo.state_digest())
+    if len(set(digests)) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, digest in enumerate(digests):
+            groups.setdefault(digest, []).append(rank)
+        listing = "; ".join(f"ranks {ranks}: {digest[:12]}" for digest, ranks in groups.items())
+        raise RuntimeError(f"step {step}: the algorithm state (tracker, forgetting rule) differs between ranks "
+                           f"({listing}); not saving a checkpoint that would resume every rank from rank 0's state. "
+                           "Every input of the tracker must be a global-batch statistic (algorithms/pipeline.py)")
+
+
 def save(ctx) -> str:
     """Write a checkpoint of the current step (every rank calls this); returns its path."""
+    check_algorithm_state_agrees(ctx.algo, ctx.step)
     save_dir = ctx.cfg.checkpoint_dir
     final = os.path.join(save_dir, f"step_{ctx.step:06d}")
     tmp = final + ".tmp"

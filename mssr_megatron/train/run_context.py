@@ -111,6 +111,8 @@ def load_hf_config(model_dir: str):
 
 def build_context(cfg: RunConfig) -> RunContext:
     """Set up the whole run. Config and data problems are raised here, before any model is built."""
+    from megatron.core import parallel_state as ps
+
     from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.algorithms.pipeline import RLAlgorithm
     from mssr_megatron.checkpoint.dist_io import HFTensors
@@ -168,7 +170,9 @@ def build_context(cfg: RunConfig) -> RunContext:
     with colocation.weight_update():  # the engine serves the policy's weights from here on
         sync_weights(actor.module, actor.dims, engine, cfg.rollout.weight_bucket_bytes,
                      hosts=[slot.host_rank for slot in slots])
-    algo = RLAlgorithm(cfg.algorithm)
+    # the algorithm state's reductions span the data-parallel replicas; the last pipeline stage shares its inputs
+    algo = RLAlgorithm(cfg.algorithm, dp_group=ps.get_data_parallel_group(),
+                       stage_group=ps.get_pipeline_model_parallel_group())
     sampler = PromptSampler(len(train_set), cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     # every rank holds a grader, but its worker pool starts on first use: on the engines' hosts only (rl_step.grade),
     # which share their node's data.reward_workers

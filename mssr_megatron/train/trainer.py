@@ -68,7 +68,8 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
         if cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0:
             run_checkpoint.save(ctx)
     saved = ctx.step == start_step or (cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0)
-    if stop.requested:
+    # agreed again: a signal to one rank during the last step would otherwise send the ranks down different branches
+    if stop.agreed():
         if saved:
             log.warning("signal %s: exiting at step %d (%s)", stop.signal_name, ctx.step,
                         "its checkpoint is on disk" if ctx.step else "nothing trained yet")
@@ -102,45 +103,43 @@ def train_step(ctx: RunContext) -> dict[str, float]:
 
 
 def _train_on(ctx: RunContext, exp, rows, timer: StepTimer) -> dict[str, float]:
-    """Log-probs, advantages, shaping, PPO updates and the tracker update of one step (the training phase)."""
+    """Log-probs, advantages, shaping, PPO updates and the tracker update of one step (the training phase).
+    The algorithm pipeline (ctx.algo) gets the whole step plus this replica's log-probs and rows, and does every
+    data-parallel reduction of the algorithm state itself (algorithms/pipeline.py)."""
     temperature = ctx.cfg.rollout.temperature
     metrics: dict[str, float] = {}
     with timer("logprobs"):
         old, entropy = rl_step.token_logprobs(ctx, ctx.actor, exp, rows, temperature)
         ref = None if ctx.reference is None else rl_step.token_logprobs(ctx, ctx.reference, exp, rows, temperature)[0]
     mask = exp.response_mask[rows]
-    token_kl = None if ref is None or old is None else _token_kl(old, ref, mask, len(exp), rows)
-    out = ctx.algo.advantages(exp.prompt_keys, exp.rewards, exp.response_mask, exp.group_index, token_kl=token_kl)
+    out = ctx.algo.advantages(exp.prompt_keys, exp.rewards, exp.response_mask, exp.group_index, rows=rows,
+                              old_logprobs=old, ref_logprobs=ref)
     metrics.update(out.metrics)
-    advantages = out.advantages[rows, : mask.shape[1]]
+    advantages = out.advantages
     if old is not None:
         advantages, shaping_metrics = ctx.algo.shape(advantages, mask, entropy=entropy, logprobs=old)
         metrics.update(shaping_metrics)
-        metrics.update(rl_step.kl_and_mismatch(old, ref, exp.rollout_logprobs[rows], mask))
+        metrics.update(rl_step.mismatch_metrics(old, exp.rollout_logprobs[rows], mask))
     with timer("update"):
         metrics.update(rl_step.update_policy(ctx, exp, rows, advantages, old, ref))
-    metrics.update(after_update(ctx, exp, rows, old, mask, metrics.get("kl/old_ref_k3")))
+    metrics.update(after_update(ctx, exp, rows, old))
     return metrics
 
 
-def after_update(ctx: RunContext, exp, rows, old, mask, kl) -> dict[str, float]:
-    """Fold the step's rewards into the tracker with the forgetting rule's rho (same on every rank)."""
-    if ctx.algo.tracker is None:
-        return {}
+def after_update(ctx: RunContext, exp, rows, old) -> dict[str, float]:
+    """Fold the step's rewards into the tracker with the forgetting rule's rho (the pipeline keeps it the same on
+    every rank). The spo rule reads the policy after the update: every pipeline stage runs that forward pass."""
     new = None
-    if ctx.cfg.algorithm.baseline.rho_rule == "spo" and old is not None:
+    if ctx.algo.needs_new_logprobs:
         new, _ = rl_step.token_logprobs(ctx, ctx.actor, exp, rows, ctx.cfg.rollout.temperature)
-    kl = rl_step.from_last_stage(kl)
-    payload = rl_step.from_last_stage(None if new is None else (old, new, mask))
-    old_lp, new_lp, m = payload if payload is not None else (None, None, None)
-    return ctx.algo.after_update(exp.prompt_keys, exp.rewards, kl=kl, old_logprobs=old_lp, new_logprobs=new_lp,
-                                 mask=m)
+    return ctx.algo.after_update(exp.prompt_keys, exp.rewards, exp.response_mask, rows=rows, old_logprobs=old,
+                                 new_logprobs=new)
 
 
 def check_logprob_mismatch(ctx: RunContext, metrics: dict[str, float]) -> None:
     """The mismatch alarm (trainer.max_logprob_mismatch): warn, or save a checkpoint and stop, when the step's
     mismatch/mean_abs_diff exceeds it (NaN does too). That value is a token mean over the global batch, the same on
-    every rank (rl_step.kl_and_mismatch), so every rank takes the same branch."""
+    every rank (rl_step.mismatch_metrics), so every rank takes the same branch."""
     from mssr_megatron.train import run_checkpoint
 
     threshold, value = ctx.cfg.trainer.max_logprob_mismatch, metrics.get(MISMATCH_METRIC)
@@ -154,14 +153,6 @@ def check_logprob_mismatch(ctx: RunContext, metrics: dict[str, float]) -> None:
         return
     path = run_checkpoint.save(ctx)
     raise RuntimeError(f"stopping at {what} (trainer.on_logprob_mismatch=stop); checkpoint saved: {path}; {hint}")
-
-
-def _token_kl(old, ref, mask, num_rows, rows):
-    from mssr_megatron.algorithms.losses import kl_penalty
-
-    full = torch.zeros(num_rows, mask.shape[1])
-    full[rows] = kl_penalty(old, ref, "k3") * mask
-    return full
 
 
 def initialize_tracker(ctx: RunContext) -> None:
@@ -240,8 +231,12 @@ class _PreemptionFlag:
 
             flag = torch.tensor([float(self.requested)], device=collective_device())  # NCCL: a CUDA tensor
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.requested = bool(flag.item())
-            if self.requested and not self.signal_name:
-                self.signal_name = "(to another rank)"
+            # the collective's answer is returned, and never written over `requested`: a signal handled while this
+            # rank waited in the all_reduce (the usual place for a rank that is not the driver) set it after `flag`
+            # was read, and is then agreed at the next call instead of being lost
+            if flag.item() == 0.0:
+                return False
+            if not self.requested:
+                self.requested, self.signal_name = True, "(to another rank)"
         return self.requested
 
