@@ -3,7 +3,8 @@
     plan = plan_memory(cfg, shape, world_size=8, gpu_bytes=80 * GB)
     plan.fits, plan.peak, plan.overflow()            # overflow(): None, or the phase and line past the GPU's size
 
-Per rank of the largest pipeline stage (the driver rank, which also hosts the rollout engine), in bytes:
+Per rank of the largest pipeline stage that also holds a rollout engine's GPU (with rollout.engines=per_node every
+GPU does; per_dp_group and single: the engines' GPUs), in bytes:
   weights        parameters x params_dtype (language model sharded over TP/PP; the vision tower replicated)
   gradients      Megatron DDP's gradient buffer, fp32 (grad_reduce_in_fp32) for every trained parameter
   optimizer      fp32 main parameters (bf16/fp16 training only) + Adam's two fp32 moments; / DP with the
@@ -204,7 +205,7 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
 
 
 def _engine_bytes(cfg, shape: ModelShape, gpu_bytes: int | None, b: int) -> tuple[int, int, str]:
-    """(bytes in the rollout phase, in the training phase, note) of the rollout engine on the driver rank."""
+    """(bytes in the rollout phase, in the training phase, note) of the rollout engine on one of its GPUs."""
     r = cfg.rollout
     weights = shape.total_params() * b // r.engine_tp_size
     if r.engine == "hf":
