@@ -11,16 +11,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
 from megatron_harness import spawn
-from trainer_assets import build_assets, overrides
+from trainer_assets import (assert_resumed_as_uninterrupted, build_assets, logged_metrics, overrides,
+                            saved_step, wait_until_logged)
 
 STEPS = 6  # the signal lands while the loop still has steps to run, also when a step takes well under a second
-VOLATILE = ("time", "time/", "sync/seconds", "sync/gb_per_s")  # wall-clock figures differ between any two runs
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +50,11 @@ def _train_worker(rank: int, config_path: str, extra: list, record_dir: str) -> 
         json.dump(seen, f)
 
 
-def _metrics(run_dir) -> dict[int, dict]:
-    with open(run_dir / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["algorithm.baseline.rho_rule=spo"],
                                    ["algorithm.estimator=reinforce_pp", "algorithm.kl_in_reward=true"],
-                                   ["algorithm.baseline.rho_rule=spo", "parallel.pipeline_model_parallel_size=2"]],
+                                   ["algorithm.baseline.rho_rule=spo", "parallel.pipeline_model_parallel_size=2",
+                                    "rollout.engines=per_dp_group"]],  # per_node would put one on stage 1
                          ids=["spo", "reinforce_pp_kl_in_reward", "spo_pp2"])
 def test_two_ranks_train(tmp_path, assets, extra):
     spawn(_train_worker, 2, "examples/configs/tiny_cpu.yaml", overrides(assets, str(tmp_path / "run"), *extra),
@@ -71,7 +65,7 @@ def test_two_ranks_train(tmp_path, assets, extra):
         assert per_rank[0]["advantages"] == [{}, {}] and per_rank[1]["advantages"][0]
     else:  # both replicas computed the global batch's figures
         assert per_rank[0]["advantages"] == per_rank[1]["advantages"]
-    steps = [m for s, m in sorted(_metrics(tmp_path / "run").items()) if s > 0]
+    steps = [m for s, m in sorted(logged_metrics(tmp_path / "run").items()) if s > 0]
     assert [m["step"] for m in steps] == [1, 2]
     assert all(math.isfinite(m["actor/loss"]) and m["actor/update_skipped"] == 0.0 for m in steps)
     assert os.path.exists(tmp_path / "run" / "checkpoints" / "step_000002" / "COMPLETE")  # the state check passed
@@ -119,22 +113,11 @@ def test_sigterm_to_one_worker_then_resume_continues_exactly(tmp_path, assets):
     _wait(_start(assets, tmp_path / "full"))
 
     interrupted = _start(assets, tmp_path / "cut")
-    metrics_file = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 900
-    while time.time() < deadline:  # signal once step 1 is logged: the run is then inside step 2
-        if metrics_file.exists() and any(json.loads(l)["step"] == 1 for l in metrics_file.read_text().splitlines()):
-            break
-        time.sleep(0.02)
+    wait_until_logged(tmp_path / "cut", 1, timeout_s=900, poll_s=0.02)
     _worker_of_rank(interrupted, 1).send_signal(signal.SIGTERM)  # not the driver: rank 0 learns it from rank 1
     out = _wait(interrupted)
     assert "signal (to another rank): saving a checkpoint" in out, out[-4000:]
-    saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
-    assert saved and all(not name.endswith(".tmp") for name in saved), saved
-    cut_at = int(saved[-1].split("_")[1])
-    assert 1 <= cut_at < STEPS
+    cut_at = saved_step(tmp_path / "cut", STEPS)
 
     _wait(_start(assets, tmp_path / "cut", "checkpoint.resume=auto"))
-    full, resumed = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
-    assert sorted(resumed) == sorted(full)  # no duplicated or missing steps after the resume
-    for step in range(cut_at + 1, STEPS + 1):
-        assert resumed[step] == full[step], step
+    assert_resumed_as_uninterrupted(tmp_path / "full", tmp_path / "cut", cut_at, STEPS)

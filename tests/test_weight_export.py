@@ -90,21 +90,30 @@ def test_export_reproduces_the_hf_state_dict(tmp_path, tp, pp):
         assert result["peak"] < model_bytes / 2
 
 
+def _tiny_untied_actor(tp: int, pp: int):
+    """(hf config, HF model, inputs, float32 Megatron actor holding the HF model's weights) at TP x PP, in a world
+    this call initialises (the caller destroys it)."""
+    from mssr_megatron.config import ModelConfig
+    from mssr_megatron.models.tiny_hf import published_state_dict
+    from mssr_megatron.parallel import init_megatron
+    from mssr_megatron.train.actor import MegatronActor
+
+    init_megatron(tp, pp, seed=0)
+    cfg, hf, inputs = tiny_case(tied=False)
+    actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"))
+    actor.load_hf_state(published_state_dict(hf))
+    return cfg, hf, inputs, actor
+
+
 def _engine_worker(rank: int, model_dir: str, out_dir: str) -> None:
     from megatron_harness import gather_tp_logits, megatron_batch
 
-    from mssr_megatron.train.actor import MegatronActor
-    from mssr_megatron.config import ModelConfig
     from mssr_megatron.models.provider import run_microbatches
-    from mssr_megatron.models.tiny_hf import published_state_dict
-    from mssr_megatron.parallel import destroy_megatron, init_megatron
+    from mssr_megatron.parallel import destroy_megatron
     from mssr_megatron.rollout.weight_export import sync_weights
 
-    init_megatron(2, 1, seed=0)
+    cfg, hf, inputs, actor = _tiny_untied_actor(tp=2, pp=1)
     try:
-        cfg, hf, inputs = tiny_case(tied=False)
-        actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"))
-        actor.load_hf_state(published_state_dict(hf))
         with torch.no_grad():  # move the trainer away from the engine's initial weights
             gen = torch.Generator().manual_seed(10)  # the same on every rank: replicated tensors stay replicas
             for p in actor.module.parameters():
@@ -145,17 +154,11 @@ def test_engine_logits_equal_megatron_logits_after_a_weight_update(tmp_path):
 
 
 def _host_export_worker(rank: int, hosts: list, out_dir: str) -> None:
-    from mssr_megatron.train.actor import MegatronActor
-    from mssr_megatron.config import ModelConfig
-    from mssr_megatron.models.tiny_hf import published_state_dict
-    from mssr_megatron.parallel import destroy_megatron, init_megatron
+    from mssr_megatron.parallel import destroy_megatron
     from mssr_megatron.rollout.weight_export import export_full_weights
 
-    init_megatron(2, 2, seed=0)
+    _, _, _, actor = _tiny_untied_actor(tp=2, pp=2)
     try:
-        cfg, hf, _ = tiny_case(tied=False)
-        actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"))
-        actor.load_hf_state(published_state_dict(hf))
         exported = {name: t.clone() for name, t in export_full_weights(actor.module, actor.dims, hosts=hosts)}
         torch.save(exported, f"{out_dir}/rank{rank}.pt")
     finally:

@@ -24,3 +24,47 @@ def overrides(assets: dict, run_dir: str, *extra: str) -> list[str]:
         "rollout.max_new_tokens=6", "logging.progress_bar=false", "checkpoint.save_every=0",
         "checkpoint.export_hf_at_end=false", "data.reward_workers=0", *extra,
     ]
+
+
+# --------------------------------------------------------------------------- preemption and resume (two test files)
+VOLATILE = ("time", "time/", "sync/seconds", "sync/gb_per_s")  # wall-clock figures differ between any two runs
+
+
+def logged_metrics(run_dir) -> dict[int, dict]:
+    """metrics.jsonl of a run by step, without the wall-clock figures."""
+    import json
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows}
+
+
+def wait_until_logged(run_dir, step: int, timeout_s: float, poll_s: float) -> None:
+    """Return once `step` is in the run's metrics.jsonl (the run is then inside step + 1)."""
+    import json
+    import time
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if os.path.exists(path) and any(json.loads(line)["step"] == step for line in open(path).read().splitlines()):
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"step {step} was not logged in {run_dir} within {timeout_s} s")
+
+
+def saved_step(run_dir, total_steps: int) -> int:
+    """The step of the newest checkpoint a signalled run left (complete ones only, before the last step)."""
+    saved = sorted(p for p in os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert saved and all(not name.endswith(".tmp") for name in saved), saved
+    cut_at = int(saved[-1].split("_")[1])
+    assert 1 <= cut_at < total_steps
+    return cut_at
+
+
+def assert_resumed_as_uninterrupted(full_dir, cut_dir, cut_at: int, total_steps: int) -> None:
+    """The resumed run logged every step once and, after the cut, exactly the uninterrupted run's metrics."""
+    full, resumed = logged_metrics(full_dir), logged_metrics(cut_dir)
+    assert sorted(resumed) == sorted(full)  # no duplicated or missing steps after the resume
+    for step in range(cut_at + 1, total_steps + 1):
+        assert resumed[step] == full[step], step
