@@ -7,6 +7,8 @@ one actionable line.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 from mssr_megatron.config_loader import ConfigError
@@ -67,10 +69,22 @@ def _check_fp8_on_this_gpu(m: Any, device: str) -> None:
         _require(problem is None, problem or "")
 
 
+def _finite_numbers(node: Any, prefix: str = "") -> None:
+    """Every float setting is a finite number: YAML reads .inf and .nan as floats, and none of the settings means
+    anything at infinity (reward_timeout_s=.inf, for one, would fail at every grade with an OverflowError)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _finite_numbers(value, key + ".")
+        elif isinstance(value, float):
+            _require(math.isfinite(value), f"{key}={value!r} must be a finite number")
+
+
 def check_run_config(cfg: Any, world_size: int | None = None) -> None:
     """Cross-field checks of a RunConfig (see RunConfig.validate); the first violation raises ConfigError."""
     m, p, r, o, d = cfg.model, cfg.parallel, cfg.rollout, cfg.optimizer, cfg.data
     a, b = cfg.algorithm, cfg.algorithm.baseline
+    _finite_numbers(cfg)
     _positive(cfg, "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
               "parallel.micro_batch_size", "parallel.timeout_minutes", "rollout.n", "rollout.max_new_tokens",
               "rollout.engine_tp_size",

@@ -98,6 +98,21 @@ def help_text(cls: type) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- YAML files
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently, so an edited
+    config could hold two values of a setting and run with the one further down)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.name} line {key_node.start_mark.line + 1}: key {key!r} is "
+                                  f"given twice in one mapping (first on line {seen[key] + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_file(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict:
     """Read a YAML mapping from `path`, resolving `base:` recursively (relative to the file that names it)."""
     path = os.path.abspath(os.fspath(path))
@@ -108,7 +123,7 @@ def load_yaml_file(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict
         raise ConfigError(f"config file not found: {path}{via}")
     with open(path, encoding="utf-8") as fh:
         try:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             line = f" line {where.line + 1}" if where is not None else ""

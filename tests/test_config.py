@@ -265,3 +265,22 @@ def test_help_text_lists_every_leaf():
     for key, _, _, doc in config_loader.iter_fields(RunConfig):
         assert key in text and doc in text
     assert "algorithm.baseline.rho_min" in text
+
+
+def test_a_key_given_twice_in_a_file_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("optimizer:\n  lr: 1.0e-6\n  weight_decay: 0.01\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml line 4: key 'lr' is given twice in one mapping \(first on line "
+                                          r"2\); keep one"):
+        load_config(path)
+    path.write_text("optimizer:\n  lr: 1.0e-6\noptimizer:\n  lr: 1.0e-3\n")  # a section too
+    with pytest.raises(ConfigError, match="key 'optimizer' is given twice"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["data.reward_timeout_s=.inf", "optimizer.lr=.nan", "parallel.timeout_minutes=.inf",
+                                      "algorithm.baseline.rho_max=-.inf"])
+def test_non_finite_numbers_are_refused(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=f"{key}=(inf|nan|-inf) must be a finite number"):
+        load_config(None, [override])

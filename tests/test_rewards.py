@@ -168,6 +168,12 @@ def test_bad_gold_raises():
         ("\\boxed", None),
         ("\\boxed{1} \\boxed{", None),
         ("no box", None),
+        # nested boxes whose argument is the whole content are peeled, with any spaces between them
+        ("\\boxed{\\boxed{ \\fbox {7} }}", "7"),
+        ("\\boxed{\\boxed{5} + 1}", "\\boxed{5} + 1"),        # the inner box is not the whole argument
+        ("\\boxed{\\boxed{\\{1\\}}}", "\\{1\\}"),               # escaped braces never close a box
+        ("\\boxed{" * 2000 + "4" + "}" * 2000, "4"),
+        ("\\boxed{\\boxed{x} y}", "\\boxed{x} y"),
     ],
 )
 def test_extract_boxed(response, expected):

@@ -20,6 +20,7 @@ __all__ = ["extract_answer", "extract_boxed", "extract_answer_line", "extract_ch
 
 # `(?![A-Za-z])` so that e.g. `\boxedfoo` (another macro) is not taken for a box.
 _BOX_CMD = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BARE_ARGUMENT = re.compile(r"[^\s$]+")  # `\boxed 5`: the run of non-space characters after the command
 _MALFORMED = object()  # sentinel: a box command whose argument could not be read
 
 
@@ -63,10 +64,10 @@ def _last_box(text: str) -> str | None | object:
             pos = end + 1  # skip the content, so nested boxes belong to the outer (top-level) one
         elif j > m.end() and j < len(text) and text[j] not in "\\$":
             # `\boxed 5`: TeX takes one token as the argument; we take the run of non-space characters.
-            tok = re.match(r"[^\s$]+", text[j:])
+            tok = _BARE_ARGUMENT.match(text, j)  # at j, not on a copy of the rest: linear in many boxes
             assert tok is not None
             last = tok.group(0).rstrip(".,;:")
-            pos = j + tok.end()
+            pos = tok.end()
         else:
             last = _MALFORMED
             pos = m.end()
@@ -82,17 +83,49 @@ def strip_math_delimiters(s: str) -> str:
     return s
 
 
+def _brace_pairs(text: str) -> dict[int, int]:
+    """Index of each `{` -> index of its closing `}` (unclosed ones left out), in one pass, escapes as in
+    `_match_brace`."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            pairs[stack.pop()] = i
+        i += 1
+    return pairs
+
+
 def _unwrap_boxes(s: str) -> str:
-    """`\\boxed{\\boxed{5}}` -> `5`: peel boxes whose argument is the whole string."""
-    while (m := _BOX_CMD.match(s)) is not None:
+    """`\\boxed{\\boxed{5}}` -> `5`: peel boxes whose argument is the whole string.
+
+    Linear in len(s) however deep the nesting: the braces are matched once, and each peel only moves the window's
+    ends (re-matching and slicing per layer took 16.8 s for 10k nested boxes)."""
+    pairs: dict[int, int] | None = None
+    lo, hi = 0, len(s)
+    while (m := _BOX_CMD.match(s, lo, hi)) is not None:
         j = m.end()
-        while j < len(s) and s[j].isspace():
+        while j < hi and s[j].isspace():
             j += 1
-        end = _match_brace(s, j) if j < len(s) and s[j] == "{" else None
-        if end is None or s[end + 1 :].strip():
-            return s
-        s = s[j + 1 : end].strip()
-    return s
+        if j >= hi or s[j] != "{":
+            break
+        if pairs is None:
+            pairs = _brace_pairs(s)
+        end = pairs.get(j)
+        if end is None or end >= hi or s[end + 1 : hi].strip():
+            break
+        lo, hi = j + 1, end
+        while lo < hi and s[lo].isspace():
+            lo += 1
+        while hi > lo and s[hi - 1].isspace():
+            hi -= 1
+    return s[lo:hi]
 
 
 def extract_boxed(response: str) -> str | None:
