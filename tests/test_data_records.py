@@ -79,6 +79,16 @@ def test_jsonl_layouts_and_bad_rows(folder, caplog):
     assert len(lines) == 1 and "\n" not in lines[0] and "missing_image=1 (e.g. missing)" in lines[0]
 
 
+def test_a_line_that_is_not_utf8_is_skipped_and_counted_by_row(folder):
+    good = [json.dumps({"id": f"u{i}", "problem": f"p{i}", "answer": "1", "images": ["imgs/a.png"]}) for i in range(3)]
+    path = folder / "latin1.jsonl"
+    path.write_bytes("\n".join(good[:2]).encode() + b"\n" + '{"id": "bad", "problem": "caf\u00e9"}'.encode("latin-1")
+                     + b"\n" + good[2].encode() + b"\n")
+    rs = read_records(str(path), DataConfig(), "train")
+    assert [r.prompt_id for r in rs] == ["u0", "u1", "u2"]
+    assert rs.skipped == {"not_utf8": 1} and rs.skipped_examples["not_utf8"] == ["row 2"]
+
+
 def test_content_ids_stable_and_location_independent(folder, tmp_path_factory):
     rows = [{"problem": "p", "answer": "1", "images": ["imgs/a.png"]},
             {"problem": "p", "answer": "2", "images": ["imgs/a.png"]},

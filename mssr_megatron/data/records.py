@@ -8,8 +8,9 @@ A row has a problem, an answer and one image or a list of images (column names f
   - a dict {"bytes": ..., "path": ...} (the Hugging Face `datasets` Image feature layout; bytes win when both are set),
   - a path, relative to the data file's folder unless absolute,
   - in jsonl only, where raw bytes cannot be written: a "data:image/...;base64," string or {"bytes": "<base64>"}.
-Bad rows (undecodable or missing image, empty problem/answer, duplicate id) are skipped, counted by reason with a
-few example ids, and summed up in one log line: one broken row in 10K must not stop a run, but must not go unseen.
+Bad rows (a line that is not UTF-8 or not JSON, an undecodable or missing image, empty problem/answer, duplicate id)
+are skipped, counted by reason with a few example ids, and summed up in one log line: one broken row in 10K must not
+stop a run, but must not go unseen.
 
 Every record gets a stable `prompt_id`, the key of the per-prompt Beta baseline, so it must survive restarts and
 re-reading the file: the row's own `id` / `prompt_id` when present, else a sha1 of its content (problem, answer,
@@ -102,27 +103,37 @@ def resolve_format(path: str, fmt: str = "auto") -> str:
     raise DataFileError(f"{path!r}: cannot tell the format from the extension; set data.format to jsonl or parquet")
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any] | None]]:
+def _iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, row) per non-empty line, or (line number, why it is unusable: "not_utf8" / "bad_json"). Lines are
+    decoded one at a time, so one undecodable line is skipped and counted rather than ending the whole read."""
     opener = open
     if path.endswith(".gz"):
         import gzip
 
         opener = gzip.open  # type: ignore[assignment]
-    with opener(path, "rt", encoding="utf-8") as fh:
-        head = fh.read(4096).lstrip()
+    with opener(path, "rb") as fh:
+        head = fh.read(4096).decode("utf-8", errors="replace").lstrip()
         fh.seek(0)
         if head.startswith("["):  # a .json file holding one array of rows rather than one row per line
-            rows = json.load(fh)
-            yield from ((i, row if isinstance(row, dict) else None) for i, row in enumerate(rows))
+            try:
+                rows = json.loads(fh.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise DataFileError(f"{path}: cannot read it as one JSON array of rows ({exc})") from None
+            yield from ((i, row if isinstance(row, dict) else "bad_json") for i, row in enumerate(rows))
             return
-        for line_no, line in enumerate(fh):
+        for line_no, raw in enumerate(fh):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield line_no, "not_utf8"
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                row = None  # counted as "bad_json" by the caller
-            yield line_no, row if isinstance(row, dict) else None
+                row = None
+            yield line_no, row if isinstance(row, dict) else "bad_json"
 
 
 def _iter_parquet(path: str, columns: list[str]) -> Iterator[tuple[int, dict[str, Any] | None]]:
@@ -223,8 +234,8 @@ def read_records(
         if limit is not None and len(out.records) >= limit:
             break
         label = f"row {index}"
-        if row is None:
-            out.skip("bad_json", label)
+        if isinstance(row, str):  # the reader's reason for an unusable row
+            out.skip(row, label)
             continue
         explicit = next((row[k] for k in ID_KEYS if row.get(k) not in (None, "")), None)
         label = str(explicit) if explicit is not None else label
