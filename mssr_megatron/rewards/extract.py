@@ -24,40 +24,19 @@ _BARE_ARGUMENT = re.compile(r"[^\s$]+")  # `\boxed 5`: the run of non-space char
 _MALFORMED = object()  # sentinel: a box command whose argument could not be read
 
 
-def _match_brace(text: str, open_at: int) -> int | None:
-    """Index of the `}` closing the `{` at `open_at`, or None if it is never closed.
-
-    A backslash escapes the next character, so `\\{`, `\\}` and `\\\\` never change the depth; this keeps
-    `\\boxed{\\left\\{ x \\right.}` and `\\boxed{\\{1,2\\}}` intact.
-    """
-    depth = 0
-    i = open_at
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
 def _last_box(text: str) -> str | None | object:
     """Content of the last top-level box; None if there is no box; _MALFORMED if the last one is broken."""
     last: str | None | object = None
     pos = 0
+    pairs: dict[int, int] | None = None
     while (m := _BOX_CMD.search(text, pos)) is not None:
         j = m.end()
         while j < len(text) and text[j].isspace():
             j += 1
         if j < len(text) and text[j] == "{":
-            end = _match_brace(text, j)
+            if pairs is None:
+                pairs = _brace_pairs(text)  # once per text: matching each box again would be quadratic
+            end = pairs.get(j)
             if end is None:  # unclosed: everything after it is inside the box, so it is the last one
                 return _MALFORMED
             last = text[j + 1 : end]
@@ -84,8 +63,9 @@ def strip_math_delimiters(s: str) -> str:
 
 
 def _brace_pairs(text: str) -> dict[int, int]:
-    """Index of each `{` -> index of its closing `}` (unclosed ones left out), in one pass, escapes as in
-    `_match_brace`."""
+    """Index of each `{` -> index of its closing `}` (unclosed ones left out), in one pass. A backslash escapes the
+    next character, so `\\{`, `\\}` and `\\\\` never pair; this keeps `\\boxed{\\left\\{ x \\right.}` and
+    `\\boxed{\\{1,2\\}}` intact."""
     pairs: dict[int, int] = {}
     stack: list[int] = []
     i, n = 0, len(text)
