@@ -196,10 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mssr_megatron.config import ConfigError
+    from mssr_megatron.train.checkpoint_files import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, KeyError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CheckpointError, KeyError, FileNotFoundError, ValueError) as exc:
         # Bad input (config, paths, data, layouts): one line that names the problem. MSSR_TRACEBACK=1 shows more.
         if os.environ.get("MSSR_TRACEBACK"):
             raise

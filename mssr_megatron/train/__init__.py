@@ -4,6 +4,7 @@
     rl_step          the pieces of one step (generate, grade, experience, log-probs, updates)
     run_context      everything a run holds, built once from the config
     run_checkpoint   save / resume of the whole run (model, optimizer, tracker, sampler, RNG)
+    checkpoint_files the manifest of a checkpoint's files (sizes, CRC-32), verified before a resume
     actor            a Megatron model with its optimizer: log-probs and train steps over micro-batches
     experience       the step's rollouts as padded training tensors
 """

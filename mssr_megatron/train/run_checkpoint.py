@@ -6,9 +6,11 @@
         trainer_state.pt  step, LR schedule, Beta tracker + forgetting rule (the same on every rank: checked),
                           sampler position (rank 0)
         rng/rank_<r>.pt   every RNG stream of rank r (torch, megatron's model-parallel tracker, python, numpy)
+        MANIFEST.json     size and CRC-32 of every file above (checkpoint_files.py), hashed by all ranks
         COMPLETE          written last: a directory without it is not a checkpoint
 A checkpoint is first written to `step_000010.tmp` and renamed when complete, so a crash or a preemption mid-write
-leaves the previous checkpoint intact. `checkpoint.resume: auto` continues from the newest complete one.
+leaves the previous checkpoint intact; a failed write (a full disk) removes the `.tmp` and stops in one line.
+`checkpoint.resume: auto` continues from the newest complete checkpoint that verifies against its manifest.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from mssr_megatron.train import checkpoint_files
 
 log = logging.getLogger("mssr")
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -169,34 +173,76 @@ def check_algorithm_state_agrees(algo, step: int) -> None:
 
 
 def save(ctx) -> str:
-    """Write a checkpoint of the current step (every rank calls this); returns its path."""
+    """Write a checkpoint of the current step (every rank calls this); returns its path. Any failure (a full disk
+    above all) raises CheckpointError on every rank, in one line naming the directory and its free space, after the
+    partial step_N.tmp is removed; the previous checkpoints are untouched."""
     check_algorithm_state_agrees(ctx.algo, ctx.step)
     save_dir = ctx.cfg.checkpoint_dir
     final = os.path.join(save_dir, f"step_{ctx.step:06d}")
     tmp = final + ".tmp"
+    try:
+        _write_checkpoint(ctx, tmp)
+        checkpoint_files.write_manifest(tmp)
+        checkpoint_files.call_on_every_rank(lambda: _publish(tmp, final, ctx.step), f"completing {final}")
+    except checkpoint_files.FAILURES as exc:
+        _abandon(tmp, save_dir, ctx.step, exc)
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "model"))
-        os.makedirs(os.path.join(tmp, "rng"))
-    _barrier()
-    save_model_and_optimizer(ctx.actor, os.path.join(tmp, "model"))
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank()}.pt"))
-    if _rank() == 0:
-        _write_conversion_metadata(ctx, os.path.join(tmp, "model"))
-        torch.save({"step": ctx.step, "scheduler": ctx.actor.scheduler.state_dict(), "algorithm": ctx.algo.state_dict(),
-                    "sampler": ctx.sampler.state_dict(), "world_size": dist.get_world_size()},
-                   os.path.join(tmp, "trainer_state.pt"))
-    _barrier()
-    if _rank() == 0:
-        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            json.dump({"step": ctx.step, "time": time.time()}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for _, old in complete_checkpoints(save_dir)[: -ctx.cfg.checkpoint.keep_last or None]:
+        # after the rename: a crash before it leaves every older checkpoint in place
+        keep = ctx.cfg.checkpoint.keep_last
+        for _, old in complete_checkpoints(save_dir)[:-keep] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint saved: %s", final)
     _barrier()
     return final
+
+
+def _write_checkpoint(ctx, tmp: str) -> None:
+    """Model, optimizer, RNG and trainer state into `tmp`. Every phase reports its failure on every rank (megatron's
+    own writer reports a failed shard write on every rank itself)."""
+    def make_dirs() -> None:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "model"))
+            os.makedirs(os.path.join(tmp, "rng"))
+
+    checkpoint_files.call_on_every_rank(make_dirs, f"creating {tmp}")
+    save_model_and_optimizer(ctx.actor, os.path.join(tmp, "model"))
+
+    def write_states() -> None:
+        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank()}.pt"))
+        if _rank() == 0:
+            _write_conversion_metadata(ctx, os.path.join(tmp, "model"))
+            torch.save({"step": ctx.step, "scheduler": ctx.actor.scheduler.state_dict(),
+                        "algorithm": ctx.algo.state_dict(), "sampler": ctx.sampler.state_dict(),
+                        "world_size": dist.get_world_size()}, os.path.join(tmp, "trainer_state.pt"))
+
+    checkpoint_files.call_on_every_rank(write_states, f"writing the trainer and RNG states into {tmp}")
+
+
+def _publish(tmp: str, final: str, step: int) -> None:
+    """Rank 0: COMPLETE (written after the manifest), then the rename that makes the checkpoint visible."""
+    if _rank() != 0:
+        return
+    with open(os.path.join(tmp, checkpoint_files.COMPLETE), "w") as f:
+        json.dump({"step": step, "time": time.time()}, f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _abandon(tmp: str, save_dir: str, step: int, exc: BaseException) -> None:
+    """After a failed save: remove the partial directory and raise the one-line CheckpointError (every rank)."""
+    space = checkpoint_files.free_space(save_dir)  # before the removal: what the write ran into
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    full = checkpoint_files.is_disk_full(exc)
+    newest = complete_checkpoints(save_dir)
+    previous = f"the newest checkpoint is still {newest[-1][1]}" if newest else "no earlier checkpoint exists"
+    raise checkpoint_files.CheckpointError(
+        f"saving the checkpoint of step {step} failed: "
+        f"{'no space left on device' if full else checkpoint_files.one_line(exc)} (in {save_dir}: {space}); the "
+        f"partial {tmp} was removed and {previous}"
+        + ("; free space there or set checkpoint.save_dir to a larger disk" if full else "")) from exc
 
 
 def _write_conversion_metadata(ctx, model_dir: str) -> None:
@@ -215,27 +261,76 @@ def _write_conversion_metadata(ctx, model_dir: str) -> None:
 
 
 def resolve_resume(cfg) -> str | None:
-    """The checkpoint to resume from: None (fresh run), the newest complete one ('auto'), or a given path."""
+    """The checkpoint to resume from, VERIFIED (checkpoint_files.verify): None (a fresh run), the newest complete
+    checkpoint that verifies ('auto'; one warning line per newer one rejected), or the given path. COLLECTIVE once
+    torch.distributed is initialised (the files are hashed by every rank): call it once, on every rank, before any
+    model is built (build_context), and pass the answer on (RunContext.resume_path).
+    Raises CheckpointError in one line: an explicit path that fails verification (naming the file), or 'auto' when
+    checkpoints exist but none verifies (a fresh start would silently throw the run away)."""
     resume = cfg.checkpoint.resume
     if not resume:
         return None
-    if resume == "auto":
-        found = complete_checkpoints(cfg.checkpoint_dir)
-        return found[-1][1] if found else None
-    if not os.path.exists(os.path.join(resume, "COMPLETE")):
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete checkpoint (no COMPLETE marker); "
-                                f"use checkpoint.resume=auto to take the newest complete one")
-    return resume
+    if resume != "auto":
+        if not os.path.exists(os.path.join(resume, "COMPLETE")):
+            raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete checkpoint (no COMPLETE marker); "
+                                    f"use checkpoint.resume=auto to take the newest complete one")
+        problems = _verified(resume)
+        if problems:
+            raise checkpoint_files.CheckpointError(
+                f"checkpoint.resume={resume!r} is damaged: {checkpoint_files.describe(problems)}; resume from another "
+                f"checkpoint (checkpoint.resume=auto takes the newest one that verifies)")
+        return resume
+    found = complete_checkpoints(cfg.checkpoint_dir)
+    for _, path in reversed(found):
+        problems = _verified(path)
+        if not problems:
+            return path
+        if _rank() == 0:
+            log.warning("checkpoint %s is damaged, skipped: %s", path, checkpoint_files.describe(problems))
+    if found:
+        raise checkpoint_files.CheckpointError(
+            f"checkpoint.resume=auto: none of the {len(found)} checkpoints in {cfg.checkpoint_dir} verifies (each "
+            "listed above); move them away to start afresh, or resume one explicitly with checkpoint.resume=PATH")
+    return None
+
+
+def _verified(path: str) -> list:
+    """checkpoint_files.verify's problems for a resume on this world size (collective), with a one-line warning for a
+    checkpoint that has no manifest to check its contents against."""
+    problems, has_manifest = checkpoint_files.verify(path)
+    if not problems and not has_manifest and _rank() == 0:
+        log.warning("checkpoint %s has no %s (written before checksums): its contents cannot be verified", path,
+                    checkpoint_files.MANIFEST)
+    return problems
 
 
 def maybe_resume(ctx) -> bool:
-    """Restore model, optimizer, schedule, algorithm state, sampler, RNG and step; push the weights to the engine."""
+    """Restore model, optimizer, schedule, algorithm state, sampler, RNG and step from ctx.resume_path (picked and
+    verified by resolve_resume); push the weights to the engine. A load that still fails (a checkpoint of an
+    incompatible layout or version) raises CheckpointError on every rank, in one line."""
     from mssr_megatron.rollout.weight_export import sync_weights
 
-    path = resolve_resume(ctx.cfg)
+    path = ctx.resume_path
     if path is None:
         return False
-    load_model_and_optimizer(ctx.actor, os.path.join(path, "model"))
+    # megatron's load reports a failed read on every rank itself (torch.distributed.checkpoint gathers the errors)
+    try:
+        load_model_and_optimizer(ctx.actor, os.path.join(path, "model"))
+    except checkpoint_files.FAILURES as exc:
+        raise checkpoint_files.CheckpointError(f"loading the model and optimizer of {path} failed: "
+                                               f"{checkpoint_files.one_line(exc)}") from exc
+    checkpoint_files.call_on_every_rank(lambda: _load_trainer_state(ctx, path), f"loading the trainer state of {path}")
+    ctx.logger.resume(ctx.step)
+    sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, ctx.cfg.rollout.weight_bucket_bytes,
+                 hosts=ctx.engine_hosts)
+    newer = ([p for step, p in complete_checkpoints(ctx.cfg.checkpoint_dir) if step > ctx.step]
+             if ctx.cfg.checkpoint.resume == "auto" else [])  # resolve_resume rejected them
+    log.info("resumed from %s at step %d%s", path, ctx.step,
+             f" (skipped {len(newer)} newer damaged checkpoint(s): {', '.join(newer)})" if newer else "")
+    return True
+
+
+def _load_trainer_state(ctx, path: str) -> None:
     trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     ctx.actor.scheduler.load_state_dict(trainer_state["scheduler"])
     ctx.algo.load_state_dict(trainer_state["algorithm"])
@@ -246,11 +341,6 @@ def maybe_resume(ctx) -> bool:
         _set_rng_state(torch.load(rng_path, weights_only=False))
     else:
         log.warning("no RNG state for rank %d in %s (world size changed); RNG streams restart", _rank(), path)
-    ctx.logger.resume(ctx.step)
-    sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, ctx.cfg.rollout.weight_bucket_bytes,
-                 hosts=ctx.engine_hosts)
-    log.info("resumed from %s at step %d", path, ctx.step)
-    return True
 
 
 def export_hf(ctx) -> str | None:

@@ -59,6 +59,8 @@ class RunContext:
     CPU."""
     engine_slots: list = field(default_factory=lambda: [EngineSlot(0, 0, 0, ())])
     """placement.EngineSlot of every engine of the job, in prompt-slice order (the same list on every rank)."""
+    resume_path: str | None = None
+    """The verified checkpoint this run resumes from (run_checkpoint.resolve_resume); None = a fresh run."""
 
     @property
     def engine_hosts(self) -> list[int]:
@@ -141,6 +143,9 @@ def build_context(cfg: RunConfig) -> RunContext:
                   backend=p.backend, device=cfg.trainer.device, timeout_minutes=p.timeout_minutes)
     device = compute_device(cfg.trainer.device)
     cfg.validate(world_size=dist.get_world_size())
+    from mssr_megatron.train.run_checkpoint import resolve_resume
+
+    resume_path = resolve_resume(cfg)  # collective; checks the checkpoint's files before anything is built or written
     check_training_start(cfg, hf_config, dist.get_world_size(), device)  # CUDA: refuse a plan over the GPU's memory
     run_dir = cfg.trainer.output_dir
     rank0 = dist.get_rank() == 0
@@ -184,7 +189,7 @@ def build_context(cfg: RunConfig) -> RunContext:
                       engine=engine, colocation=colocation, grader=grader, algo=algo, train=train_set, val=val_set,
                       sampler=sampler, logger=logger,
                       blocked_ids=blocked_token_ids(processor.tokenizer, hf_config.text_config.vocab_size),
-                      run_dir=run_dir, device=device, engine_slots=slots)
+                      run_dir=run_dir, device=device, engine_slots=slots, resume_path=resume_path)
 
 
 def _build_engine(cfg: RunConfig, device: torch.device, slot: EngineSlot):
