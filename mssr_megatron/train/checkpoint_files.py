@@ -193,8 +193,11 @@ def _read_manifest(directory: str) -> dict | Problem | None:
     try:
         with open(path) as f:
             manifest = json.load(f)
-        if not isinstance(manifest.get("files"), dict):
-            raise ValueError("no 'files' table")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("crc32"), str)
+                for e in files.values()):
+            raise ValueError("no 'files' table of sizes and checksums")
         return manifest
     except (OSError, ValueError, AttributeError) as exc:
         return Problem(MANIFEST, f"unreadable ({one_line(exc)})")
@@ -206,8 +209,8 @@ def _check_listed(directory: str, name: str, expected: dict) -> Problem | None:
         return Problem(name, "missing")
     size = os.path.getsize(path)
     if size != expected["size"]:
-        return Problem(name, f"size {size} bytes, the manifest says {expected['size']}"
-                             + (" (zero-byte file)" if size == 0 else " (truncated)" if size < expected["size"] else ""))
+        kind = " (zero-byte file)" if size == 0 else " (truncated)" if size < expected["size"] else ""
+        return Problem(name, f"size {size} bytes, the manifest says {expected['size']}{kind}")
     actual = checksum(path)
     if actual != expected["crc32"]:
         return Problem(name, f"checksum crc32 {actual}, the manifest says {expected['crc32']} (contents changed)")
