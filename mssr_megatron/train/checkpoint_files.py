@@ -211,7 +211,10 @@ def _check_listed(directory: str, name: str, expected: dict) -> Problem | None:
     if size != expected["size"]:
         kind = " (zero-byte file)" if size == 0 else " (truncated)" if size < expected["size"] else ""
         return Problem(name, f"size {size} bytes, the manifest says {expected['size']}{kind}")
-    actual = checksum(path)
+    try:
+        actual = checksum(path)
+    except OSError as exc:  # a rank that raised here would leave the others waiting in verify's gather
+        return Problem(name, f"cannot be read ({one_line(exc)})")
     if actual != expected["crc32"]:
         return Problem(name, f"checksum crc32 {actual}, the manifest says {expected['crc32']} (contents changed)")
     return None
