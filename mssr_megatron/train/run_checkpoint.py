@@ -4,11 +4,13 @@
         model/            megatron distributed checkpoint: model + optimizer (resharding-capable; with the distributed
                           optimizer only the data-parallel size may change on resume, see DISTRIBUTED_OPTIMIZER_FORMAT)
         trainer_state.pt  step, LR schedule, Beta tracker + forgetting rule (the same on every rank: checked),
-                          sampler position (rank 0)
+                          sampler position (rank 0), the run's resolved config (resume_config compares it on resume)
         rng/rank_<r>.pt   every RNG stream of rank r (torch, megatron's model-parallel tracker, python, numpy)
         COMPLETE          written last: a directory without it is not a checkpoint
 A checkpoint is first written to `step_000010.tmp` and renamed when complete, so a crash or a preemption mid-write
 leaves the previous checkpoint intact. `checkpoint.resume: auto` continues from the newest complete one.
+No checkpoint or export is written from non-finite weights or optimizer state, and a loaded one is checked
+(finite_check).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from mssr_megatron.config import to_dict
+from mssr_megatron.train import finite_check
 
 log = logging.getLogger("mssr")
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -125,6 +130,7 @@ def load_model_and_optimizer(actor, directory: str) -> None:
     with torch.no_grad():
         actor.optimizer.load_state_dict(state["optimizer"])
     _restore_adam_steps(actor.optimizer)
+    finite_check.check_loaded(actor, os.path.dirname(os.path.abspath(directory)))
 
 
 def _restore_adam_steps(optimizer) -> None:
@@ -171,6 +177,7 @@ def check_algorithm_state_agrees(algo, step: int) -> None:
 def save(ctx) -> str:
     """Write a checkpoint of the current step (every rank calls this); returns its path."""
     check_algorithm_state_agrees(ctx.algo, ctx.step)
+    finite_check.require_finite(ctx.actor, f"the checkpoint of step {ctx.step}")
     save_dir = ctx.cfg.checkpoint_dir
     final = os.path.join(save_dir, f"step_{ctx.step:06d}")
     tmp = final + ".tmp"
@@ -184,7 +191,8 @@ def save(ctx) -> str:
     if _rank() == 0:
         _write_conversion_metadata(ctx, os.path.join(tmp, "model"))
         torch.save({"step": ctx.step, "scheduler": ctx.actor.scheduler.state_dict(), "algorithm": ctx.algo.state_dict(),
-                    "sampler": ctx.sampler.state_dict(), "world_size": dist.get_world_size()},
+                    "sampler": ctx.sampler.state_dict(), "world_size": dist.get_world_size(),
+                    "config": to_dict(ctx.cfg)},
                    os.path.join(tmp, "trainer_state.pt"))
     _barrier()
     if _rank() == 0:
@@ -237,7 +245,7 @@ def maybe_resume(ctx) -> bool:
         return False
     load_model_and_optimizer(ctx.actor, os.path.join(path, "model"))
     trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    ctx.actor.scheduler.load_state_dict(trainer_state["scheduler"])
+    ctx.actor.load_scheduler_state(trainer_state["scheduler"])
     ctx.algo.load_state_dict(trainer_state["algorithm"])
     ctx.sampler.load_state_dict(trainer_state["sampler"])
     ctx.step = trainer_state["step"]
@@ -260,6 +268,7 @@ def export_hf(ctx) -> str | None:
     from mssr_megatron.rollout.weight_export import export_full_weights
 
     out = os.path.join(ctx.run_dir, "hf")
+    finite_check.require_finite(ctx.actor, f"the HF export {out}")
     # a host copy of each tensor as it is exported (on GPU the full model is never held twice in device memory)
     tensors = {name: t.to("cpu", copy=True) for name, t in export_full_weights(ctx.actor.module, ctx.actor.dims)}
     if _rank() != 0:
