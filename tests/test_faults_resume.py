@@ -79,8 +79,9 @@ def test_an_estimator_change_is_refused_in_one_line_before_config_yaml_is_rewrit
 def test_an_update_that_overflows_the_weights_stops_without_saving_or_exporting(trained, tmp_path):
     """lr x weight decay = 1e40 > float32's range: AdamW's decoupled decay turns every decayed weight into Inf while
     the loss and the gradients are finite (the checks before the step see nothing)."""
-    done, run_dir = _resume(trained, tmp_path, "trainer.total_steps=3", "optimizer.lr=1e30",
-                            "optimizer.weight_decay=1e10", "checkpoint.save_every=1", "checkpoint.export_hf_at_end=true")
+    overflow = ("optimizer.lr=1e30", "optimizer.weight_decay=1e10")
+    done, run_dir = _resume(trained, tmp_path, "trainer.total_steps=3", *overflow, "checkpoint.save_every=1",
+                            "checkpoint.export_hf_at_end=true")
     assert done.returncode == 1, done.stderr[-3000:]
     (line,) = _errors(done)
     good = os.path.join(run_dir, "checkpoints", "step_000002")

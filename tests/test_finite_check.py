@@ -18,16 +18,17 @@ pytestmark = pytest.mark.slow  # one tiny actor process (~25 s on 2 busy cores),
 DAMAGED = "language_model.decoder.layers.1.mlp.linear_fc2.weight"
 
 
-def _actor(lr: float, min_lr: float):
-    """Tiny float32 actor (torch's Adam updates the model parameters: megatron's FP32Optimizer), cosine schedule
-    over 10 optimizer steps, no warmup."""
-    from mssr_megatron.config import ModelConfig, OptimizerConfig
+def _actor(lr: float, min_lr: float, distributed: bool = False):
+    """Tiny float32 actor, cosine schedule over 10 optimizer steps, no warmup. Without the distributed optimizer,
+    torch's Adam updates the model parameters themselves (megatron's FP32Optimizer)."""
+    from mssr_megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
     from mssr_megatron.models.tiny_hf import published_state_dict
     from mssr_megatron.train.actor import MegatronActor
 
     cfg, hf, inputs = tiny_case(tied=False)
     optim = OptimizerConfig(lr=lr, min_lr=min_lr, lr_schedule="cosine", weight_decay=0.1, grad_clip=1.0)
-    actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"), optim, 10)
+    actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"), optim, 10,
+                          parallel_cfg=ParallelConfig(use_distributed_optimizer=distributed))
     actor.load_hf_state(published_state_dict(hf))
     return actor, per_row_microbatches(inputs)
 
@@ -131,7 +132,8 @@ def test_an_update_that_puts_nan_into_a_weight_raises_naming_it(outcome):
 
 def test_no_checkpoint_or_export_is_written_from_nan_weights(outcome):
     out, result = outcome
-    assert result["save"] == f"NonFiniteError: not writing the checkpoint of step 3: non-finite values in weight {DAMAGED}"
+    assert result["save"] == ("NonFiniteError: not writing the checkpoint of step 3: non-finite values in weight "
+                              f"{DAMAGED}")
     assert result["export"] == (f"NonFiniteError: not writing the HF export {out}/run/hf: non-finite values in "
                                 f"weight {DAMAGED}")
     assert not os.path.exists(f"{out}/run")
@@ -158,3 +160,45 @@ def test_every_rank_agrees_on_a_nan_found_on_one_rank(tmp_path):
     spawn(_agreement_worker, 2, str(tmp_path))
     for rank in range(2):
         assert torch.load(tmp_path / f"rank_{rank}.pt") == (None, "weight bias (rank 1)")
+
+
+def _sharded_worker(rank: int, out: str) -> None:
+    """DP2 with the distributed optimizer: Adam updates each rank's shard of the weights (float32: views of the
+    parameters). A NaN in the second moment of one of rank 1's shards, saved and loaded back ('dp_reshardable': each
+    rank reads its own shard)."""
+    from megatron.core import parallel_state as ps
+
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+    from mssr_megatron.train import run_checkpoint
+
+    init_megatron(1, 1, seed=0)
+    try:
+        actor, micro = _actor(1e-3, 1e-4, distributed=True)
+        _step(actor, [mb for mb in micro if mb["row"] == ps.get_data_parallel_rank()])
+        damaged = None
+        if rank == 1:  # megatron's own bookkeeping: model parameter k of a group <-> its shard
+            names = {id(p): name for name, p in actor.module.named_parameters()}
+            (inner,) = actor.optimizer.chained_optimizers
+            model_param, shard = next((m, s) for m, s in zip(inner.model_fp32_groups[0], inner.shard_fp32_groups[0])
+                                      if s.numel())
+            inner.optimizer.state[shard]["exp_avg_sq"][0] = math.nan
+            damaged = names[id(model_param)]
+        if rank == 0:
+            os.makedirs(f"{out}/sharded/model")
+        torch.distributed.barrier()
+        run_checkpoint.save_model_and_optimizer(actor, f"{out}/sharded/model")
+        fresh, _ = _actor(1e-3, 1e-4, distributed=True)
+        outcome = _outcome(lambda: run_checkpoint.load_model_and_optimizer(fresh, f"{out}/sharded/model"))
+        torch.save((outcome, damaged), f"{out}/rank_{rank}.pt")
+    finally:
+        destroy_megatron()
+
+
+def test_a_nan_in_one_ranks_shard_of_the_distributed_optimizer_is_refused_on_every_rank(tmp_path):
+    spawn(_sharded_worker, 2, str(tmp_path))
+    damaged = torch.load(tmp_path / "rank_1.pt")[1]
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank_{rank}.pt")[0] == (
+            f"NonFiniteError: checkpoint {tmp_path}/sharded holds non-finite values (optimizer state exp_avg_sq of "
+            f"shard of {damaged} (rank 1)): it cannot be resumed; resume from an earlier checkpoint "
+            "(checkpoint.resume=<save_dir>/step_N)")

@@ -66,7 +66,8 @@ def test_a_schedule_change_is_applied_explicitly(tmp_path, key, value):
     path = _checkpoint(tmp_path, load_config(None, BASE))
     applied = check_resume_config(load_config(None, [*BASE, f"{key}={value}"]), path)
     assert key in SCHEDULE
-    assert applied[0].startswith(f"resume: {key} ") and "applied: the learning-rate schedule of this config" in applied[0]
+    assert applied[0].startswith(f"resume: {key} ")
+    assert "applied: the learning-rate schedule of this config" in applied[0]
 
 
 def test_a_longer_run_with_a_decaying_schedule_logs_the_new_decay_length(tmp_path):

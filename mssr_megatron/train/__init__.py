@@ -6,4 +6,6 @@
     run_checkpoint   save / resume of the whole run (model, optimizer, tracker, sampler, RNG)
     actor            a Megatron model with its optimizer: log-probs and train steps over micro-batches
     experience       the step's rollouts as padded training tensors
+    finite_check     NaN/Inf checks of the weights after each step and of a loaded or saved optimizer state
+    resume_config    what a resumed run may change from the config stored in its checkpoint
 """
