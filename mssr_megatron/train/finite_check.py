@@ -21,7 +21,8 @@ state (exp_avg, exp_avg_sq, step), named after the model parameter.
 
 Every check ends in one collective over the world, so that every rank takes the same branch; the name of the first
 non-finite tensor is gathered only when there is one (on NCCL through the current CUDA device: GPU-only: not run (no
-GPU was available)).
+GPU was available)). Cost: one aminmax per tensor (CPU, one thread, 256M bfloat16 values: 0.17 s, against 3.2 s for
+isfinite().all()); CUDA tensors and Transformer Engine's FP8 weights: GPU-only: not run (no GPU was available).
 """
 
 from __future__ import annotations
