@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mssr_megatron.config import ConfigError
     from mssr_megatron.train.checkpoint_files import CheckpointError
+    from mssr_megatron.train.finite_check import NonFiniteError
 
     try:
         return args.func(args)
@@ -207,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"mssr {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:  # NaN/Inf weights or optimizer state: the run stopped, nothing of it written
+        if os.environ.get("MSSR_TRACEBACK"):
+            raise
+        print(f"mssr {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -331,7 +331,8 @@ class CheckpointConfig:
     keep_last: int = 3
     """Keep this many newest checkpoints (0 = keep all)."""
     resume: str | None = None
-    """Resume from 'auto' (newest complete checkpoint that verifies, if any) or a checkpoint path; null = fresh."""
+    """Resume from 'auto' (newest complete checkpoint that verifies, if any) or a path; null = fresh. Changes that
+    are allowed: train/resume_config."""
     async_save: bool = False
     """Write checkpoints in the background (Megatron async dist_checkpointing)."""
     export_hf_at_end: bool = True

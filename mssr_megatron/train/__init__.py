@@ -7,4 +7,6 @@
     checkpoint_files the manifest of a checkpoint's files (sizes, CRC-32), verified before a resume
     actor            a Megatron model with its optimizer: log-probs and train steps over micro-batches
     experience       the step's rollouts as padded training tensors
+    finite_check     NaN/Inf checks of the weights after each step and of a loaded or saved optimizer state
+    resume_config    what a resumed run may change from the config stored in its checkpoint
 """

@@ -28,6 +28,7 @@ from mssr_megatron.checkpoint.mapping import ModelDims
 from mssr_megatron.models.provider import build_model, module_device, run_microbatches
 from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
 from mssr_megatron.ops import vocab_parallel_logprobs_entropy
+from mssr_megatron.train.finite_check import NonFiniteError, nonfinite_weight
 
 _LR_STYLES = {"constant": "constant", "cosine": "cosine", "linear": "linear"}
 
@@ -54,6 +55,12 @@ def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: 
         masked_token_ids=masked_token_ids, chunk_size=chunk_size,
     )
     return logprobs[:, :-1], entropy[:, :-1]
+
+
+def lr_decay_steps(decay_steps: int | None, warmup_steps: int, total_optimizer_steps: int) -> int:
+    """Optimizer steps the LR schedule decays over: optimizer.lr_decay_steps, or every optimizer step of the run
+    (null); past the warmup (megatron's scheduler needs warmup < decay)."""
+    return max(decay_steps or max(total_optimizer_steps, 1), warmup_steps + 1)
 
 
 class MegatronActor:
@@ -106,17 +113,28 @@ class MegatronActor:
             ),
             [self.model],
         )
-        decay_steps = optim_cfg.lr_decay_steps or max(total_optimizer_steps, 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if optim_cfg.warmup_steps else optim_cfg.lr, max_lr=optim_cfg.lr,
             min_lr=optim_cfg.min_lr, lr_warmup_steps=optim_cfg.warmup_steps,
-            lr_decay_steps=max(decay_steps, optim_cfg.warmup_steps + 1),
+            lr_decay_steps=lr_decay_steps(optim_cfg.lr_decay_steps, optim_cfg.warmup_steps, total_optimizer_steps),
             lr_decay_style=_LR_STYLES[optim_cfg.lr_schedule], start_wd=optim_cfg.weight_decay,
             end_wd=optim_cfg.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+            # on resume this config's schedule applies (resume_config says what may change): the checkpoint gives
+            # only the step count (load_scheduler_state)
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.model.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
+
+    def load_scheduler_state(self, state: dict) -> None:
+        """Continue the LR schedule from a checkpoint's step count with THIS config's settings (lr, min_lr, warmup,
+        decay, weight decay). The scheduler overrides its checkpointed values (override_opt_param_scheduler); the
+        peak and final LR it reads are also in each param group ('max_lr', 'min_lr', set by megatron from the
+        optimizer config), which the optimizer's checkpoint load restored to the old run's: reset first."""
+        for group in self.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = self.scheduler.max_lr, self.scheduler.min_lr
+        self.scheduler.load_state_dict(state)
 
     @property
     def module(self):
@@ -153,7 +171,8 @@ class MegatronActor:
         sequence) count of the WHOLE mini-batch; the schedule's averaging over micro-batches and DDP's over
         data-parallel ranks are undone here, so gradients are those of the mini-batch loss. It runs on the last
         stage with logprobs/entropy on `self.device` and the micro-batch whose model inputs were moved there (its
-        other entries, e.g. `rows`, as given).
+        other entries, e.g. `rows`, as given). Raises NonFiniteError when the updated weights hold a NaN/Inf (on
+        every rank: finite_check), before anything could save or export them.
         """
         from megatron.core import parallel_state as ps
 
@@ -177,6 +196,9 @@ class MegatronActor:
             updated, grad_norm = False, float("nan")
         if updated:
             self.scheduler.step(increment=1)
+            bad = nonfinite_weight(self.module)  # finite loss and gradients can still overflow in the update
+            if bad is not None:
+                raise NonFiniteError(f"non-finite weights after the optimizer step: {bad}")
         metrics = {"actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "actor/lr": self.optimizer.param_groups[0]["lr"], "actor/update_skipped": float(not updated)}
         for key in reports[0] if reports else ():

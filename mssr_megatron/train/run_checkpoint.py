@@ -4,13 +4,15 @@
         model/            megatron distributed checkpoint: model + optimizer (resharding-capable; with the distributed
                           optimizer only the data-parallel size may change on resume, see DISTRIBUTED_OPTIMIZER_FORMAT)
         trainer_state.pt  step, LR schedule, Beta tracker + forgetting rule (the same on every rank: checked),
-                          sampler position (rank 0)
+                          sampler position (rank 0), the run's resolved config (resume_config compares it on resume)
         rng/rank_<r>.pt   every RNG stream of rank r (torch, megatron's model-parallel tracker, python, numpy)
         MANIFEST.json     size and CRC-32 of every file above (checkpoint_files.py), hashed by all ranks
         COMPLETE          written last: a directory without it is not a checkpoint
 A checkpoint is first written to `step_000010.tmp` and renamed when complete, so a crash or a preemption mid-write
 leaves the previous checkpoint intact; a failed write (a full disk) removes the `.tmp` and stops in one line.
 `checkpoint.resume: auto` continues from the newest complete checkpoint that verifies against its manifest.
+No checkpoint or export is written from non-finite weights or optimizer state, and a loaded one is checked
+(finite_check).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mssr_megatron.train import checkpoint_files
+from mssr_megatron.config import to_dict
+from mssr_megatron.train import checkpoint_files, finite_check
 
 log = logging.getLogger("mssr")
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -129,6 +132,7 @@ def load_model_and_optimizer(actor, directory: str) -> None:
     with torch.no_grad():
         actor.optimizer.load_state_dict(state["optimizer"])
     _restore_adam_steps(actor.optimizer)
+    finite_check.check_loaded(actor, os.path.dirname(os.path.abspath(directory)))
 
 
 def _restore_adam_steps(optimizer) -> None:
@@ -177,6 +181,7 @@ def save(ctx) -> str:
     above all) raises CheckpointError on every rank, in one line naming the directory and its free space, after the
     partial step_N.tmp is removed; the previous checkpoints are untouched."""
     check_algorithm_state_agrees(ctx.algo, ctx.step)
+    finite_check.require_finite(ctx.actor, f"the checkpoint of step {ctx.step}")
     save_dir = ctx.cfg.checkpoint_dir
     final = os.path.join(save_dir, f"step_{ctx.step:06d}")
     tmp = final + ".tmp"
@@ -214,7 +219,8 @@ def _write_checkpoint(ctx, tmp: str) -> None:
             _write_conversion_metadata(ctx, os.path.join(tmp, "model"))
             torch.save({"step": ctx.step, "scheduler": ctx.actor.scheduler.state_dict(),
                         "algorithm": ctx.algo.state_dict(), "sampler": ctx.sampler.state_dict(),
-                        "world_size": dist.get_world_size()}, os.path.join(tmp, "trainer_state.pt"))
+                        "world_size": dist.get_world_size(), "config": to_dict(ctx.cfg)},
+                       os.path.join(tmp, "trainer_state.pt"))
 
     checkpoint_files.call_on_every_rank(write_states, f"writing the trainer and RNG states into {tmp}")
 
@@ -332,7 +338,7 @@ def maybe_resume(ctx) -> bool:
 
 def _load_trainer_state(ctx, path: str) -> None:
     trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    ctx.actor.scheduler.load_state_dict(trainer_state["scheduler"])
+    ctx.actor.load_scheduler_state(trainer_state["scheduler"])
     ctx.algo.load_state_dict(trainer_state["algorithm"])
     ctx.sampler.load_state_dict(trainer_state["sampler"])
     ctx.step = trainer_state["step"]
@@ -350,6 +356,7 @@ def export_hf(ctx) -> str | None:
     from mssr_megatron.rollout.weight_export import export_full_weights
 
     out = os.path.join(ctx.run_dir, "hf")
+    finite_check.require_finite(ctx.actor, f"the HF export {out}")
     # a host copy of each tensor as it is exported (on GPU the full model is never held twice in device memory)
     tensors = {name: t.to("cpu", copy=True) for name, t in export_full_weights(ctx.actor.module, ctx.actor.dims)}
     if _rank() != 0:

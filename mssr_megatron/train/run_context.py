@@ -131,6 +131,8 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.rollout.placement import live_engine_slots, reward_workers_per_host
     from mssr_megatron.rollout.sampling import blocked_token_ids
     from mssr_megatron.rollout.weight_export import sync_weights
+    from mssr_megatron.train.resume_config import check_resume_config
+    from mssr_megatron.train.run_checkpoint import resolve_resume
 
     set_engine_nccl_env(cfg.rollout.engine)  # every rank, before any communicator: as the engine's rank will have it
     hf_config = load_hf_config(cfg.model.hf_path)
@@ -143,9 +145,9 @@ def build_context(cfg: RunConfig) -> RunContext:
                   backend=p.backend, device=cfg.trainer.device, timeout_minutes=p.timeout_minutes)
     device = compute_device(cfg.trainer.device)
     cfg.validate(world_size=dist.get_world_size())
-    from mssr_megatron.train.run_checkpoint import resolve_resume
-
     resume_path = resolve_resume(cfg)  # collective; checks the checkpoint's files before anything is built or written
+    # before config.yaml is rewritten and any model is built: what may change from the checkpoint's run
+    check_resume_config(cfg, resume_path)
     check_training_start(cfg, hf_config, dist.get_world_size(), device)  # CUDA: refuse a plan over the GPU's memory
     run_dir = cfg.trainer.output_dir
     rank0 = dist.get_rank() == 0

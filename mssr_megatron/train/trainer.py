@@ -21,6 +21,7 @@ from mssr_megatron.train import rl_step
 from mssr_megatron.config import RunConfig
 from mssr_megatron.metrics import StepTimer
 from mssr_megatron.rollout.weight_export import sync_weights
+from mssr_megatron.train.finite_check import NonFiniteError
 from mssr_megatron.train.run_context import RunContext, broadcast_object, build_context
 
 log = logging.getLogger("mssr")
@@ -51,7 +52,11 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
             ctx.logger.log(0, validate(ctx))
     nonfinite_steps = 0
     while ctx.step < cfg.trainer.total_steps and not stop.agreed():
-        metrics = train_step(ctx)
+        try:
+            metrics = train_step(ctx)
+        except NonFiniteError as exc:  # raised on every rank, before anything saved or exported these weights
+            raise NonFiniteError(f"step {ctx.step + 1}: {exc}; the run stops without saving or exporting them; "
+                                 f"{_last_good_checkpoint(ctx)}") from None
         ctx.step += 1
         if ctx.actor.nonfinite is not None:
             nonfinite_steps += 1
@@ -81,6 +86,17 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
     if not saved:
         run_checkpoint.save(ctx)
     return finish(ctx)
+
+
+def _last_good_checkpoint(ctx: RunContext) -> str:
+    """Where to resume after a non-finite stop: the newest complete checkpoint (every one was checked finite when
+    written, and is checked again when loaded)."""
+    from mssr_megatron.train import run_checkpoint
+
+    found = run_checkpoint.complete_checkpoints(ctx.cfg.checkpoint_dir)
+    if not found:
+        return f"no checkpoint in {ctx.cfg.checkpoint_dir} to resume from: start again (e.g. with a lower optimizer.lr)"
+    return f"the last good checkpoint is {found[-1][1]} (checkpoint.resume=auto, e.g. with a lower optimizer.lr)"
 
 
 def train_step(ctx: RunContext) -> dict[str, float]:
