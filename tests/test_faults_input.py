@@ -81,6 +81,23 @@ def test_a_format_weight_over_one_is_refused_with_the_config():
         load_config(None, ["data.reward_timeout_s=.inf"])
 
 
+def test_an_image_cut_short_after_its_header_is_named_when_decoded(tmp_path):
+    """A JPEG whose header reads passes the load-time check (header and size only, kept cheap for large datasets);
+    decoding it in a step fails, and the error now names the file (it named no file before)."""
+    import numpy as np
+    from PIL import Image
+
+    from mssr_megatron.data.images import ImageDecodeError, decode_images, image_size
+
+    path = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    _truncate(path, 0.3)
+    assert image_size(str(path)) == (64, 64)
+    with pytest.raises(ImageDecodeError) as info:
+        decode_images([str(path)])
+    assert str(info.value).startswith(f"{str(path)!r} is not a decodable image (") and "\n" not in str(info.value)
+
+
 # ------------------------------------------------------------------------------------------------ a killed trainer
 # A "trainer" that starts a 2-worker pool (from its main thread, or from a thread that ends before the kill), grades,
 # leaves one worker busy (a GIL-holding regular expression with the main thread's pool; a sleep otherwise) and writes
