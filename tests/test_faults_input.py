@@ -266,6 +266,23 @@ def test_convert_cli_on_a_truncated_safetensors_prints_one_line(tmp_path, hf_dir
     assert _leftovers(tmp_path / "out") == []
 
 
+@pytest.mark.slow
+def test_train_on_a_truncated_model_prints_one_line_before_any_model_is_built(tmp_path):
+    """The trainer's HF engine used to meet the damaged file first, inside transformers' loader: a 60-line traceback
+    with no file named."""
+    from trainer_assets import build_assets, overrides
+
+    assets = build_assets(str(tmp_path))
+    _truncate(Path(assets["model"]) / "model.safetensors")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore:Transformer Engine and Apex are not installed:UserWarning"}
+    done = subprocess.run([sys.executable, "-m", "mssr_megatron.cli", "train", "examples/configs/tiny_cpu.yaml",
+                           *overrides(assets, str(tmp_path / "run"))], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)
+    weights = Path(assets["model"]) / "model.safetensors"
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"mssr train: error: {weights} is truncated: it has {weights.stat().st_size} bytes")
+
+
 @pytest.fixture(scope="module")
 def megatron_ckpt(tmp_path_factory, hf_dir) -> Path:
     from mssr_megatron.checkpoint.convert import hf_to_megatron
