@@ -121,8 +121,9 @@ class HFTensors(Mapping):
                 self._handles[path] = safe_open(path, framework="pt")
             tensor = self._handles[path].get_tensor(stored)
         except Exception as exc:  # noqa: BLE001 - whatever the reader raises, say which file and tensor
-            raise ConversionError(f"cannot read tensor {stored} from {path} ({type(exc).__name__}: {_first_line(exc)}): "
-                                  f"is the file complete and unchanged since the conversion started?") from None
+            why = f"{type(exc).__name__}: {_first_line(exc)}"
+            raise ConversionError(f"cannot read tensor {stored} from {path} ({why}): is the file complete and "
+                                  f"unchanged since it was indexed?") from None
         if self._on_read is not None:
             self._on_read(name)
         return tensor
