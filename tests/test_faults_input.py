@@ -61,18 +61,16 @@ def test_the_format_check_runs_only_with_a_format_weight(monkeypatch):
     assert out.as_metrics()["reward/errors"] == 1
 
 
-@pytest.mark.parametrize("response,expected", [
-    ("<think>r</think> \\boxed{1}\x00\x00", 1.0),  # NUL bytes after the answer
-    ("<think>r\x00</think>" + "x" * 1_000_000 + " \\boxed{1}", 1.0),  # a 1 MB answer
-    ("\x00" * 1000, 0.0),
-])
-def test_nul_bytes_and_a_megabyte_answer_go_through_the_workers(response, expected):
-    with RewardGrader("math", num_workers=1, timeout_s=30.0) as grader:
-        out = grader.score([response], ["1"], format_weight=0.5)
-    assert out.failures == [] and out.correct == [expected] and out.format == [expected]
+def test_nul_bytes_and_a_megabyte_answer_go_through_the_workers():
+    responses = ["<think>r</think> \\boxed{1}\x00\x00",  # NUL bytes after the answer
+                 "<think>r\x00</think>" + "x" * 1_000_000 + " \\boxed{1}",  # a 1 MB answer
+                 "\x00" * 1000]
+    with RewardGrader("math", num_workers=2, timeout_s=30.0) as grader:
+        out = grader.score(responses, ["1"] * 3, format_weight=0.5)
+    assert out.failures == [] and out.correct == [1.0, 1.0, 0.0] and out.format == [1.0, 1.0, 0.0]
 
 
-def test_a_format_weight_over_one_is_refused_with_the_config():
+def test_a_format_weight_over_one_and_an_infinite_time_limit_are_refused():
     from mssr_megatron.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"data.format_reward_weight=1.5 must be at most 1"):
