@@ -138,43 +138,6 @@ class HFTensors(Mapping):
         return name in self.index
 
 
-def check_dist_checkpoint(ckpt_dir: str) -> None:
-    """Check that the megatron dist_checkpointing files of `ckpt_dir` (torch_dist backend) are all there and whole:
-    `.metadata` readable, every data file it records present and as long as the byte ranges it records, common.pt a
-    complete archive. Raises a one-line ConversionError naming the file otherwise (the load would fail inside the
-    ranks with a long torch traceback). Bytes changed inside a file of the right length are not detected here."""
-    import zipfile
-
-    from torch.distributed.checkpoint import FileSystemReader
-
-    metadata = os.path.join(ckpt_dir, ".metadata")
-    fix = "the checkpoint is incomplete or damaged; convert or copy it again"
-    if not os.path.isfile(metadata):
-        raise ConversionError(f"{metadata} is missing: {fix}")
-    try:
-        storage = FileSystemReader(ckpt_dir).read_metadata().storage_data
-        needed: dict[str, int] = {}
-        for info in storage.values():
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises anything
-        raise ConversionError(f"{metadata} is unreadable ({type(exc).__name__}: {_first_line(exc)}): {fix}") from None
-    for name, size in sorted(needed.items()):
-        path = os.path.join(ckpt_dir, name)
-        if not os.path.isfile(path):
-            raise ConversionError(f"{path} is missing (named by {metadata}): {fix}")
-        if os.path.getsize(path) < size:
-            raise ConversionError(f"{path} is truncated: it has {os.path.getsize(path)} bytes but {metadata} records "
-                                  f"data up to byte {size}: {fix}")
-    common = os.path.join(ckpt_dir, "common.pt")
-    try:
-        with zipfile.ZipFile(common) as archive:  # torch.save's format; testzip reads every member's CRC
-            bad = archive.testzip()
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ConversionError(f"{common} is unreadable ({type(exc).__name__}: {_first_line(exc)}): {fix}") from None
-    if bad is not None:
-        raise ConversionError(f"{common} is damaged (member {bad} fails its checksum): {fix}")
-
-
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0]
 

@@ -1,7 +1,8 @@
 """The metadata that makes a Megatron checkpoint convertible back to Hugging Face without the original directory:
 `mssr_checkpoint.json` (format version, source TP/PP, dtype, vocabulary sizes, tied flag, layer implementation and
 FP8 settings, HF tensor names and shapes) and `hf_config/` (config, generation config, tokenizer, processor files).
-Written by hf_to_megatron and by the trainer's run checkpoints; read by megatron_to_hf.
+Written by hf_to_megatron and by the trainer's run checkpoints; read by megatron_to_hf, which first checks that the
+dist_checkpointing files are all there and whole (`check_dist_checkpoint`).
 """
 
 from __future__ import annotations
@@ -9,12 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from mssr_megatron.checkpoint.dist_io import (
-    ConversionError,
-    check_dist_checkpoint,
-    copy_non_weight_files,
-    hf_tensor_index,
-)
+from mssr_megatron.checkpoint.dist_io import ConversionError, copy_non_weight_files, hf_tensor_index
 
 FORMAT, FORMAT_VERSION = "mssr-megatron/qwen2_5_vl", 1
 METADATA_FILE, HF_CONFIG_DIR = "mssr_checkpoint.json", "hf_config"
@@ -22,7 +18,8 @@ MODEL_TYPE = "qwen2_5_vl"
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 LAYER_IMPLS = ("local", "transformer_engine")
 
-__all__ = ["METADATA_FILE", "HF_CONFIG_DIR", "layer_metadata", "write_metadata", "read_metadata", "read_config"]
+__all__ = ["METADATA_FILE", "HF_CONFIG_DIR", "layer_metadata", "write_metadata", "read_metadata", "read_config",
+           "check_dist_checkpoint"]
 
 
 def read_config(directory: str, hint: str) -> dict:
@@ -111,3 +108,44 @@ def write_metadata(ckpt_dir: str, hf_dir: str, index: dict | None = None, *, tp:
     with open(os.path.join(ckpt_dir, METADATA_FILE), "w") as fh:
         json.dump(meta, fh, indent=1)
     copy_non_weight_files(hf_dir, os.path.join(ckpt_dir, HF_CONFIG_DIR))
+
+
+def check_dist_checkpoint(ckpt_dir: str) -> None:
+    """Check that the megatron dist_checkpointing files of `ckpt_dir` (torch_dist backend) are all there and whole:
+    `.metadata` readable, every data file it records present and as long as the byte ranges it records, common.pt a
+    complete archive. Raises a one-line ConversionError naming the file otherwise (the load would fail inside the
+    ranks with a long torch traceback). Bytes changed inside a file of the right length are not detected here."""
+    import zipfile
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = os.path.join(ckpt_dir, ".metadata")
+    fix = "the checkpoint is incomplete or damaged; convert or copy it again"
+    if not os.path.isfile(metadata):
+        raise ConversionError(f"{metadata} is missing: {fix}")
+    try:
+        storage = FileSystemReader(ckpt_dir).read_metadata().storage_data
+        needed: dict[str, int] = {}
+        for info in storage.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises anything
+        raise ConversionError(f"{metadata} is unreadable ({type(exc).__name__}: {_first_line(exc)}): {fix}") from None
+    for name, size in sorted(needed.items()):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            raise ConversionError(f"{path} is missing (named by {metadata}): {fix}")
+        if os.path.getsize(path) < size:
+            raise ConversionError(f"{path} is truncated: it has {os.path.getsize(path)} bytes but {metadata} records "
+                                  f"data up to byte {size}: {fix}")
+    common = os.path.join(ckpt_dir, "common.pt")
+    try:
+        with zipfile.ZipFile(common) as archive:  # torch.save's format; testzip reads every member's CRC
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ConversionError(f"{common} is unreadable ({type(exc).__name__}: {_first_line(exc)}): {fix}") from None
+    if bad is not None:
+        raise ConversionError(f"{common} is damaged (member {bad} fails its checksum): {fix}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
