@@ -184,3 +184,5 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
 
     # data
     _require("{problem}" in d.prompt_template, "data.prompt_template must contain the placeholder {problem}")
+    _require(d.format_reward_weight <= 1, f"data.format_reward_weight={d.format_reward_weight} must be at most 1 (the "
+             "reward is (1 - w) * answer + w * format)")

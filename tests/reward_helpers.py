@@ -8,6 +8,7 @@ module registers them in REWARDS under "test_*" names (guarded: the module may b
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from mssr_megatron.rewards import REWARDS, math_reward
@@ -41,6 +42,19 @@ def crash_on_marker(response: str, answer: str) -> float:
 def out_of_range(response: str, answer: str) -> float:
     """Return an invalid score (2.0)."""
     return 2.0
+
+
+def always_right(response: str, answer: str) -> float:
+    """Score 1.0 at once, whatever the response: what remains of a grading call is the format check."""
+    return 1.0
+
+
+def backtrack_on_marker(response: str, answer: str) -> float:
+    """When the gold contains HANG, run a regular expression with exponential backtracking (re holds the GIL for its
+    whole match, so no other thread of the worker runs meanwhile), else grade like `math`."""
+    if HANG in answer:
+        return 1.0 if re.match(r"(a+)+$", "a" * 64 + "b") else 0.0
+    return math_reward(response, answer)
 
 
 for _name, _fn in (("test_hang", hang_on_marker), ("test_raise", raise_on_marker)):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from megatron_harness import LAYERS, VOCAB, safetensors_in, spawn
-from mssr_megatron.checkpoint.convert import METADATA_FILE, layer_metadata
+from mssr_megatron.checkpoint.metadata import METADATA_FILE, layer_metadata
 from mssr_megatron.config import ModelConfig
 
 TE_FP8 = ModelConfig(transformer_impl="transformer_engine", fp8="hybrid", fp8_recipe="delayed")
@@ -64,7 +64,7 @@ def _te_checkpoint_worker(rank: int, hf_dir: str, ckpt_dir: str, out_dir: str) -
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from transformers import AutoConfig
 
-    from mssr_megatron.checkpoint.convert import write_metadata
+    from mssr_megatron.checkpoint.metadata import write_metadata
     from mssr_megatron.checkpoint.dist_io import HFTensors
     from mssr_megatron.checkpoint.hf_bridge import export_hf_weights, load_hf_weights
     from mssr_megatron.checkpoint.mapping import ModelDims

@@ -7,10 +7,8 @@ Both run tp * pp ranks: spawned gloo processes, or the ranks of the caller's tor
 exactly tp * pp processes (scripts need an `if __name__ == "__main__":` guard). Every tensor goes through the
 mapping table (checkpoint/mapping.py); the tensors of the HF checkpoint must be exactly those the model reads.
 
-A Megatron checkpoint directory holds megatron's dist_checkpointing files, `mssr_checkpoint.json` (format version,
-source TP/PP, dtype, vocabulary sizes, tied flag, the layer implementation and FP8 settings it was written with, the
-HF tensor names and shapes) and `hf_config/` (the HF config, generation config, tokenizer and processor files), so
-that it converts back without the original directory.
+A Megatron checkpoint directory holds megatron's dist_checkpointing files, `mssr_checkpoint.json` and `hf_config/`
+(checkpoint/metadata.py), so that it converts back without the original directory.
 
 Transformer Engine checkpoints hold each TE module's FP8 metadata as a `*._extra_state` ShardedObject (the final norm
 is TE's RMSNorm wherever TE is installed, so local-spec checkpoints written there hold one too). No weights are in
@@ -35,40 +33,22 @@ from mssr_megatron.checkpoint.dist_io import (
     run_world,
     write_hf_shards,
 )
+from mssr_megatron.checkpoint.metadata import (
+    HF_CONFIG_DIR,
+    METADATA_FILE,
+    SAFETENSORS_DTYPES,
+    read_config,
+    read_metadata,
+    write_metadata,
+)
 
-FORMAT, FORMAT_VERSION = "mssr-megatron/qwen2_5_vl", 1
-METADATA_FILE, HF_CONFIG_DIR = "mssr_checkpoint.json", "hf_config"
-MODEL_TYPE = "qwen2_5_vl"
 DTYPES = ("float32", "bfloat16", "float16")
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 MAX_SHARD_BYTES = 5 * 1024**3  # exported safetensors files hold at most this much (like save_pretrained's default)
-LAYER_IMPLS = ("local", "transformer_engine")
 
 __all__ = ["ConversionError", "hf_to_megatron", "megatron_to_hf", "load_megatron_checkpoint"]
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
-def _read_config(directory: str, hint: str) -> dict:
-    if not os.path.isdir(directory):
-        what = "is not a directory" if os.path.exists(directory) else "does not exist"
-        raise ConversionError(f"input {directory} {what}: {hint}")
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(directory, METADATA_FILE)):
-            raise ConversionError(f"{directory} is a Megatron checkpoint written by this converter: convert it "
-                                  f"with megatron_to_hf (--to hf)")
-        raise ConversionError(f"{path} is missing: {hint}")
-    try:
-        with open(path) as fh:
-            config = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{path} is not valid JSON ({exc}): restore the model's config.json") from None
-    if config.get("model_type") != MODEL_TYPE:
-        raise ConversionError(f"{path} has model_type {config.get('model_type')!r}; only {MODEL_TYPE!r} "
-                              f"(Qwen2.5-VL) checkpoints convert")
-    return config
-
-
 def _text(config: dict, key: str):
     value = (config.get("text_config") or {}).get(key, config.get(key))  # transformers 5 nests the text fields
     if value is None:
@@ -100,41 +80,14 @@ def _check_dtype(dtype) -> str | None:
 
 
 def _validate_hf_dir(hf_dir: str, tp, pp) -> tuple[dict, dict]:
-    config = _read_config(hf_dir, "pass a Hugging Face Qwen2.5-VL directory (config.json and *.safetensors)")
+    config = read_config(hf_dir, "pass a Hugging Face Qwen2.5-VL directory (config.json and *.safetensors)")
     _check_layout(config, tp, pp)
     index = hf_tensor_index(hf_dir)
     for name, (_, _, st_dtype, _) in sorted(index.items()):
-        if st_dtype not in _SAFETENSORS_DTYPES:
+        if st_dtype not in SAFETENSORS_DTYPES:
             raise ConversionError(f"tensor {name} has dtype {st_dtype}; only float32/bfloat16/float16 tensors "
                                   f"convert: is it part of a Qwen2.5-VL checkpoint?")
     return config, index
-
-
-def _read_metadata(ckpt_dir: str) -> dict:
-    path = os.path.join(ckpt_dir, METADATA_FILE)
-    if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(ckpt_dir, "config.json")):
-            raise ConversionError(f"{ckpt_dir} is a Hugging Face directory, not a Megatron checkpoint: convert it "
-                                  f"with hf_to_megatron (--to megatron)")
-        raise ConversionError(f"{ckpt_dir} has no {METADATA_FILE}: not a checkpoint written by hf_to_megatron "
-                              f"(--to megatron)")
-    try:
-        with open(path) as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{path} is unreadable ({exc}): convert the HF checkpoint again") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ConversionError(f"{path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
-                              f"this converter reads {FORMAT!r} version {FORMAT_VERSION}")
-    meta.setdefault("transformer_impl", "local")  # written before the layer implementation was recorded
-    if meta["transformer_impl"] not in LAYER_IMPLS:
-        raise ConversionError(f"{path} records transformer_impl {meta['transformer_impl']!r}; this converter reads "
-                              f"{' and '.join(LAYER_IMPLS)} checkpoints")
-    _read_config(os.path.join(ckpt_dir, HF_CONFIG_DIR), "the checkpoint lacks its HF config; convert it again")
-    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
-        raise ConversionError(f"{ckpt_dir} has no metadata.json of megatron dist_checkpointing: the checkpoint is "
-                              f"incomplete; convert it again")
-    return meta
 
 
 # ---------------------------------------------------------------------------------------------------------- ranks
@@ -265,6 +218,7 @@ def load_megatron_checkpoint(model, ckpt_dir: str, state_key: str | None = None)
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from mssr_megatron.checkpoint.mapping import is_extra_state
 
@@ -273,7 +227,11 @@ def load_megatron_checkpoint(model, ckpt_dir: str, state_key: str | None = None)
         # megatron's naming: "unexpected" = requested by the model but absent from the checkpoint, "missing" = in the
         # checkpoint but not requested.
         state, not_requested, absent = dist_checkpointing.load(request, ckpt_dir, strict=StrictHandling.RETURN_ALL)
-    except (CheckpointingException, KeyError, RuntimeError) as exc:
+    except CheckpointException as exc:  # torch's reader failed (a BaseException whose str is a traceback per rank)
+        first = next(iter(exc.failures.values()))[0] if exc.failures else exc
+        raise ConversionError(f"cannot load {ckpt_dir}: {type(first).__name__}: "
+                              f"{(str(first).splitlines() or [''])[0]}") from None
+    except (CheckpointingException, KeyError, RuntimeError, OSError, ValueError) as exc:
         raise ConversionError(f"cannot load {ckpt_dir}: {(str(exc).splitlines() or [''])[0]}") from None
     extra = sorted(k for k in not_requested if not k.startswith("optimizer.") and not is_extra_state(k))
     for keys, what in ((sorted(absent), "lacks"), (extra, "holds an unexpected")):
@@ -291,7 +249,7 @@ def _to_hf_rank(rank: int, tmp: str, ckpt_dir: str, tp: int, pp: int, dtype: str
 
     from mssr_megatron.checkpoint.hf_bridge import export_hf_weights, megatron_parameters
 
-    meta = _read_metadata(ckpt_dir)
+    meta = read_metadata(ckpt_dir)
     with _megatron_world(tp, pp):
         _, model, dims = _build(os.path.join(ckpt_dir, HF_CONFIG_DIR), meta["dtype"])
         load_megatron_checkpoint(model, ckpt_dir, meta.get("state_key"))
@@ -321,40 +279,6 @@ def _to_hf_rank(rank: int, tmp: str, ckpt_dir: str, tp: int, pp: int, dtype: str
 
 
 # ---------------------------------------------------------------------------------------------------------- API
-def layer_metadata(model_cfg) -> dict:
-    """The layer implementation a model was built with, as recorded in mssr_checkpoint.json: transformer_impl and the
-    FP8 settings (null without FP8) of a ModelConfig."""
-    fp8 = None
-    if model_cfg.fp8 is not None:
-        fp8 = dict(format=model_cfg.fp8, recipe=model_cfg.fp8_recipe, margin=model_cfg.fp8_margin,
-                   amax_history_len=model_cfg.fp8_amax_history_len,
-                   amax_compute_algo=model_cfg.fp8_amax_compute_algo)
-    return dict(transformer_impl=model_cfg.transformer_impl, fp8=fp8)
-
-
-def write_metadata(ckpt_dir: str, hf_dir: str, index: dict | None = None, *, tp: int, pp: int, dtype: str,
-                   vocab_size: int, padded_vocab_size: int, num_layers: int, tie_word_embeddings: bool,
-                   state_key: str | None = None, transformer_impl: str = "local", fp8: dict | None = None) -> None:
-    """Make the dist_checkpointing directory `ckpt_dir` convertible back to HF: write `mssr_checkpoint.json` and copy
-    the HF config, tokenizer and processor files of `hf_dir` (the model it started from) into `hf_config/`.
-    Used by hf_to_megatron (local layers, no FP8) and by the trainer's run checkpoints, whose model state sits under
-    `state_key` ("model", beside "optimizer") and whose layer implementation is recorded (`layer_metadata`)."""
-    if transformer_impl not in LAYER_IMPLS:
-        raise ValueError(f"transformer_impl={transformer_impl!r} must be one of {LAYER_IMPLS}")
-    index = hf_tensor_index(hf_dir) if index is None else index
-    dtypes = [_SAFETENSORS_DTYPES.get(d, dtype) for _, _, d, _ in index.values()]
-    meta = dict(format=FORMAT, format_version=FORMAT_VERSION, model_type=MODEL_TYPE, source_tp=tp, source_pp=pp,
-                dtype=dtype, hf_dtype=max(set(dtypes), key=dtypes.count) if dtypes else dtype,
-                vocab_size=vocab_size, padded_vocab_size=padded_vocab_size, num_layers=num_layers,
-                tie_word_embeddings=tie_word_embeddings, state_key=state_key, transformer_impl=transformer_impl,
-                fp8=fp8, hf_tensors={name: shape for name, (_, _, _, shape) in sorted(index.items())})
-    if tie_word_embeddings:
-        meta["hf_tensors"].pop("lm_head.weight", None)
-    with open(os.path.join(ckpt_dir, METADATA_FILE), "w") as fh:
-        json.dump(meta, fh, indent=1)
-    copy_non_weight_files(hf_dir, os.path.join(ckpt_dir, HF_CONFIG_DIR))
-
-
 def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None, overwrite: bool = False,
                    progress: bool = True) -> str:
     """Convert the Hugging Face Qwen2.5-VL directory `hf_dir` into a Megatron distributed checkpoint at `out_dir`,
@@ -362,7 +286,7 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None, overwr
     output path; raises ConversionError with a one-line reason on any problem (nothing is left at out_dir)."""
     hf_dir = os.path.abspath(os.fspath(hf_dir))
     config, index = _validate_hf_dir(hf_dir, tp, pp)
-    dtypes = [_SAFETENSORS_DTYPES[d] for _, _, d, _ in index.values()]
+    dtypes = [SAFETENSORS_DTYPES[d] for _, _, d, _ in index.values()]
     hf_dtype = max(set(dtypes), key=dtypes.count)
     dtype = _check_dtype(dtype) or hf_dtype
     out = check_output_path(os.fspath(out_dir), overwrite, hf_dir)
@@ -386,7 +310,7 @@ def megatron_to_hf(ckpt_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None, over
     if not os.path.isdir(ckpt_dir):
         what = "is not a directory" if os.path.exists(ckpt_dir) else "does not exist"
         raise ConversionError(f"input {ckpt_dir} {what}: pass a checkpoint written by hf_to_megatron (--to megatron)")
-    meta = _read_metadata(ckpt_dir)
+    meta = read_metadata(ckpt_dir)
     with open(os.path.join(ckpt_dir, HF_CONFIG_DIR, "config.json")) as fh:
         config = json.load(fh)
     _check_layout(config, tp, pp)

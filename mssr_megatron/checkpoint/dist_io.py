@@ -24,20 +24,44 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 WEIGHT_INDEXES = (INDEX_FILE, "pytorch_model.bin.index.json")
 
 
-class ConversionError(Exception):
-    """A conversion problem with a one-line explanation naming what is wrong and how to fix it."""
+class ConversionError(ValueError):
+    """A conversion problem with a one-line explanation naming what is wrong and how to fix it. A ValueError, so that
+    `mssr train` reports a damaged HF model directory (read through HFTensors) in one line like other bad input."""
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
 def safetensors_header(path: str) -> dict:
-    """The JSON header of a safetensors file ({name: {dtype, shape, data_offsets}}, without tensor data)."""
+    """The JSON header of a safetensors file ({name: {dtype, shape, data_offsets}}, without tensor data), after
+    checking that the file is exactly as long as the header's data offsets say: a truncated or padded copy fails here,
+    in one line naming the file and both sizes, before any process starts or any tensor is read."""
     try:
+        actual = os.path.getsize(path)
         with open(path, "rb") as fh:
             (size,) = struct.unpack("<Q", fh.read(8))
+            if size > actual - 8:  # checked before reading: a damaged length field can claim exabytes
+                raise ValueError(f"header length {size} exceeds the file's {actual} bytes")
             header = json.loads(fh.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
         raise ConversionError(f"{path} is not a readable safetensors file ({exc})") from None
     header.pop("__metadata__", None)
+    data_end = 0
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            valid = 0 <= begin <= end and isinstance(info["dtype"], str) and isinstance(info["shape"], list)
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise ConversionError(f"{path}: the header entry of tensor {name} is malformed ({info!r:.80}): the file "
+                                  f"is damaged; copy it again")
+        data_end = max(data_end, end)
+    expected = 8 + size + data_end
+    if actual != expected:
+        how = "truncated" if actual < expected else "longer than its header says"
+        raise ConversionError(f"{path} is {how}: it has {actual} bytes but its header needs {expected}: the file is "
+                              f"damaged or incompletely copied; copy it again")
     return header
 
 
@@ -92,9 +116,14 @@ class HFTensors(Mapping):
         from safetensors import safe_open
 
         path, stored, _, _ = self.index[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        tensor = self._handles[path].get_tensor(stored)
+        try:
+            if path not in self._handles:
+                self._handles[path] = safe_open(path, framework="pt")
+            tensor = self._handles[path].get_tensor(stored)
+        except Exception as exc:  # noqa: BLE001 - whatever the reader raises, say which file and tensor
+            why = f"{type(exc).__name__}: {_first_line(exc)}"
+            raise ConversionError(f"cannot read tensor {stored} from {path} ({why}): is the file complete and "
+                                  f"unchanged since it was indexed?") from None
         if self._on_read is not None:
             self._on_read(name)
         return tensor
@@ -107,6 +136,10 @@ class HFTensors(Mapping):
 
     def __contains__(self, name) -> bool:
         return name in self.index
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
 
 
 def copy_non_weight_files(src: str, dst: str) -> list[str]:

@@ -101,14 +101,17 @@ def image_size(data: bytes | str | os.PathLike) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def _decode_pil(encoded: bytes) -> Image.Image:
+def _decode_pil(encoded: bytes, source: bytes | str | os.PathLike) -> Image.Image:
     try:
         with Image.open(io.BytesIO(encoded)) as img:
             img.load()  # decode now: a truncated file fails here
             img = ImageOps.exif_transpose(img)
             return img.convert("RGB")
     except Exception as exc:
-        raise ImageDecodeError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
+        # A file whose header reads (the load-time check) but whose body is cut short fails only here, mid-run:
+        # name the file, so that it can be found among thousands.
+        what = "in-memory image" if isinstance(source, (bytes, bytearray, memoryview)) else repr(os.fspath(source))
+        raise ImageDecodeError(f"{what} is not a decodable image ({type(exc).__name__}: {exc})") from None
 
 
 def _get_dali_pipe():
@@ -144,7 +147,7 @@ def decode_images(items: Sequence[bytes | str | os.PathLike]) -> list[Image.Imag
     """Decode a batch to RGB PIL images, in order. Raises ImageDecodeError naming the first bad item."""
     encoded = [read_image_bytes(item) for item in items]
     if image_backend() != "dali" or not encoded:
-        return [_decode_pil(e) for e in encoded]
+        return [_decode_pil(e, item) for e, item in zip(encoded, items)]
     out: list[Image.Image] = []
     for start in range(0, len(encoded), _DALI_BATCH):
         chunk = encoded[start : start + _DALI_BATCH]
@@ -153,11 +156,11 @@ def decode_images(items: Sequence[bytes | str | os.PathLike]) -> list[Image.Imag
         except Exception:
             # One bad or unsupported image fails the whole DALI batch: redo this chunk one by one so that each
             # image gets DALI where it can and PIL (or a clear error) where it cannot.
-            for e in chunk:
+            for e, item in zip(chunk, items[start : start + _DALI_BATCH]):
                 try:
                     out.extend(_decode_dali_batch([e]))
                 except Exception:
-                    out.append(_decode_pil(e))
+                    out.append(_decode_pil(e, item))
     return out
 
 

@@ -4,7 +4,15 @@ sympy can hang on pathological answers (math-verify never returns on `\\boxed{9^
 math-verify's own timeout needs signal.alarm on the main thread. So every answer is graded in a worker
 process with a wall-clock limit; an answer that overruns gets 0 and a "timeout" failure, the pool is torn
 down (worker processes terminated: a running call cannot be cancelled any other way) and the answers still
-pending go to a fresh pool. An answer whose grading raises gets 0 and an "<ExcType>: msg" failure.
+pending go to a fresh pool. An answer whose grading raises gets 0 and an "<ExcType>: msg" failure. The format
+check (`format_reward`, when format_weight > 0) runs in the same worker call, under the same limit: no function of
+a response runs in the trainer process.
+
+Workers die with the trainer, also when it is killed with SIGKILL (nothing in the pool would stop them: each holds
+both ends of its task queue): a watchdog thread in each worker exits it within `_PARENT_POLL_S` once its parent
+process is gone, and on Linux the kernel kills it at once (PR_SET_PDEATHSIG) when the thread that started it ends,
+which is only asked for when that thread is the main one (a worker started from a short-lived thread would die
+with that thread). The multiprocessing resource tracker then sees its last writer gone and exits too.
 
 Start method: "spawn". The trainer process holds CUDA contexts and many threads, which makes "fork" unsafe;
 "forkserver" would save little (workers are long-lived), is a process-wide singleton whose sys.path is
@@ -15,10 +23,14 @@ module (as `__mp_main__`), so the trainer's entry point must keep its work under
 from __future__ import annotations
 
 import atexit
+import ctypes
 import math
 import multiprocessing as mp
+import os
 import pickle
 import signal
+import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -36,7 +48,8 @@ class BatchScores:
 
     scores:   (1 - format_weight) * correct + format_weight * format, in [0, 1].
     correct:  the reward function's score (0 for failures).
-    format:   `format_reward` of each response (computed in the trainer process: it is a linear-time check).
+    format:   `format_reward` of each response (0 for failures), graded with the answer under its time limit; empty
+              at format_weight 0, where it is not computed (and reward/format_rate is not logged).
     failures: (index, reason) for answers that timed out ("timeout after 5.0s") or raised ("ValueError: ...").
     """
 
@@ -49,32 +62,64 @@ class BatchScores:
         """Scalar metrics for logging: mean score, accuracy, format rate, timeout and error counts."""
         n = len(self.scores)
         timeouts = sum(1 for _, reason in self.failures if reason.startswith("timeout"))
-        return {
+        metrics = {
             f"{prefix}score_mean": sum(self.scores) / n if n else 0.0,
             f"{prefix}accuracy": sum(self.correct) / n if n else 0.0,
-            f"{prefix}format_rate": sum(self.format) / n if n else 0.0,
             f"{prefix}timeouts": float(timeouts),
             f"{prefix}errors": float(len(self.failures) - timeouts),
             f"{prefix}count": float(n),
         }
+        if self.format:
+            metrics[f"{prefix}format_rate"] = sum(self.format) / n
+        return metrics
 
 
-def _grade_one(fn: RewardFn, response: str, answer: str) -> tuple[float, str | None]:
-    """Run one reward call; never raises. Returns (score in [0, 1], None) or (0.0, failure reason)."""
+Graded = tuple[float, float, str | None]  # (reward score, format score, failure reason or None)
+
+
+def _grade_one(fn: RewardFn, response: str, answer: str, with_format: bool = False) -> Graded:
+    """Run one reward call, and the format check when asked; never raises. Returns (score in [0, 1], format score,
+    None), or (0.0, 0.0, failure reason) when either raises, or (0.0, format score, reason) for a score out of range.
+    Without `with_format` the format score is 0.0."""
     try:
         score = float(fn(response, answer))
+        fmt = (score if fn is format_reward else format_reward(response)) if with_format else 0.0
     except Exception as e:  # noqa: BLE001 - any grading error is a per-sample failure, not a batch failure
-        return 0.0, f"{type(e).__name__}: {e}"
+        return 0.0, 0.0, f"{type(e).__name__}: {e}"
     if not math.isfinite(score) or not 0.0 <= score <= 1.0:
-        return 0.0, f"ValueError: reward {score!r} outside [0, 1]"
-    return score, None
+        return 0.0, fmt, f"ValueError: reward {score!r} outside [0, 1]"
+    return score, fmt, None
 
 
-def _init_worker() -> None:
-    """Pool initializer: pay math-verify's import and first-call cost (~1 s) once per worker, not per task. SIGUSR1
-    is ignored: a preemption notice that SLURM sends to every process of a job step is for the trainer, which asks
-    its workers to stop itself (the default action would kill the worker mid-batch)."""
+_PARENT_POLL_S = 0.2  # a worker outlives a killed trainer by at most about this long
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+
+def _die_with_parent(parent_pid: int, kernel_signal: bool) -> None:
+    """Exit this worker when the process `parent_pid` that started it is gone (see the module docstring)."""
+    if kernel_signal and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # no prctl in this libc: the watchdog below still works
+            pass
+
+    def watch() -> None:
+        # An orphan is re-parented (to init or a subreaper), so its parent pid changes; this also catches a parent
+        # that died before the watch started.
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()
+
+
+def _init_worker(parent_pid: int, kernel_signal: bool) -> None:
+    """Pool initializer: exit with the parent (`_die_with_parent`), and pay math-verify's import and first-call cost
+    (~1 s) once per worker, not per task. SIGUSR1 is ignored: a preemption notice that SLURM sends to every process of
+    a job step is for the trainer, which asks its workers to stop itself (the default action would kill the worker
+    mid-batch)."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _die_with_parent(parent_pid, kernel_signal)
     math_reward("\\boxed{\\frac{1}{2}}", "0.5")
 
 
@@ -87,7 +132,9 @@ class RewardGrader:
 
     reward: a registered name ("math", "choice", "format", ...) or a picklable top-level function.
     num_workers: worker processes; 0 grades inline in the calling process, catching exceptions but with NO
-        time limit (a hanging answer hangs the caller; meant for debugging and tests).
+        time limit (a hanging answer hangs the caller; meant for debugging and tests). The format check is
+        linear-time in the response (`rewards.extract`), so inline it is bounded by the response length: ~1 s
+        per megabyte at worst, and rollouts are capped by the maximum response length.
     timeout_s: wall-clock limit per answer, measured from submission. At most `num_workers` answers are in
         flight and the pool is warmed before use, so submission time is start time.
     Use as a context manager or call `close()`; the pool starts on first use (or `start()`).
@@ -114,9 +161,12 @@ class RewardGrader:
         """Start and warm the worker pool now (otherwise it starts on the first batch). No-op inline."""
         if self.num_workers == 0 or self._pool is not None:
             return
-        pool = ProcessPoolExecutor(self.num_workers, mp_context=mp.get_context("spawn"), initializer=_init_worker)
-        # Workers are spawned on demand, one per submit that finds no idle worker, so num_workers concurrent
-        # pings start all of them; waiting for the pings means every initializer (warm-up) has run.
+        # Workers are spawned on demand by the submitting thread (this one: a pool that loses a worker is replaced
+        # whole, see _grade_in_pool), one per submit that finds no idle worker, so num_workers concurrent pings
+        # start all of them; waiting for the pings means every initializer (warm-up) has run.
+        main_thread = threading.current_thread() is threading.main_thread()
+        pool = ProcessPoolExecutor(self.num_workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(os.getpid(), main_thread))
         pings = [pool.submit(_ping) for _ in range(self.num_workers)]
         done, not_done = wait(pings, timeout=self.startup_timeout_s)
         self._pool = pool
@@ -161,18 +211,18 @@ class RewardGrader:
     # -- grading -----------------------------------------------------------------------------------------
     def grade(self, responses: list[str], answers: list[str]) -> tuple[list[float], list[tuple[int, str]]]:
         """Reward-function scores of each (response, answer) pair and the sorted (index, reason) failures."""
+        results = self._grade(responses, answers, with_format=False)
+        return [s for s, _, _ in results], [(i, why) for i, (_, _, why) in enumerate(results) if why is not None]
+
+    def _grade(self, responses: list[str], answers: list[str], with_format: bool) -> list[Graded]:
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
         if self.num_workers == 0:
-            results = [_grade_one(self.fn, r, a) for r, a in zip(responses, answers)]
-        else:
-            results = self._grade_in_pool(responses, answers)
-        scores = [s for s, _ in results]
-        failures = [(i, why) for i, (_, why) in enumerate(results) if why is not None]
-        return scores, failures
+            return [_grade_one(self.fn, r, a, with_format) for r, a in zip(responses, answers)]
+        return self._grade_in_pool(responses, answers, with_format)
 
-    def _grade_in_pool(self, responses: list[str], answers: list[str]) -> list[tuple[float, str | None]]:
-        results: list[tuple[float, str | None] | None] = [None] * len(responses)
+    def _grade_in_pool(self, responses: list[str], answers: list[str], with_format: bool) -> list[Graded]:
+        results: list[Graded | None] = [None] * len(responses)
         pending = deque(range(len(responses)))
         crashed: set[int] = set()  # in flight when a worker died: retried once, alone, to find the culprit
         inflight: dict[Future, tuple[int, float]] = {}
@@ -183,7 +233,7 @@ class RewardGrader:
                 if any(j in crashed for j, _ in inflight.values()) or (pending[0] in crashed and inflight):
                     break  # a suspect runs alone
                 i = pending.popleft()
-                fut = self._pool.submit(_grade_one, self.fn, responses[i], answers[i])
+                fut = self._pool.submit(_grade_one, self.fn, responses[i], answers[i], with_format)
                 inflight[fut] = (i, time.monotonic() + self.timeout_s)
             next_deadline = min(deadline for _, deadline in inflight.values())
             done, _ = wait(inflight, timeout=max(0.0, next_deadline - time.monotonic()), return_when=FIRST_COMPLETED)
@@ -196,12 +246,12 @@ class RewardGrader:
                 except BrokenProcessPool as e:
                     broken = e  # handled below, together with the other answers that were in flight
                 except Exception as e:  # e.g. the result could not be pickled back
-                    results[inflight.pop(fut)[0]] = (0.0, f"{type(e).__name__}: {e}")
+                    results[inflight.pop(fut)[0]] = (0.0, 0.0, f"{type(e).__name__}: {e}")
 
             now = time.monotonic()
             expired = [fut for fut, (_, deadline) in inflight.items() if deadline <= now and not fut.done()]
             for fut in expired:
-                results[inflight.pop(fut)[0]] = (0.0, f"timeout after {self.timeout_s}s")
+                results[inflight.pop(fut)[0]] = (0.0, 0.0, f"timeout after {self.timeout_s}s")
             if expired or broken is not None:
                 for fut, (i, _) in inflight.items():
                     if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -211,7 +261,7 @@ class RewardGrader:
                         pending.appendleft(i)
                     elif i in crashed:
                         # It ran alone (see above) and the worker died again: this answer kills workers.
-                        results[i] = (0.0, f"BrokenProcessPool: worker died grading this answer ({broken})")
+                        results[i] = (0.0, 0.0, f"BrokenProcessPool: worker died grading this answer ({broken})")
                     else:
                         # A worker died and we cannot tell whose answer did it: retry each suspect alone.
                         crashed.add(i)
@@ -219,15 +269,19 @@ class RewardGrader:
                 inflight.clear()
                 self._teardown()
                 self.pool_restarts += 1
-        return [r if r is not None else (0.0, "internal error: not graded") for r in results]
+        return [r if r is not None else (0.0, 0.0, "internal error: not graded") for r in results]
 
     def score(self, responses: list[str], answers: list[str], format_weight: float = 0.0) -> BatchScores:
-        """Grade a batch and combine with the format reward: score = (1 - w) * correct + w * format."""
+        """Grade a batch and combine with the format reward: score = (1 - w) * correct + w * format. The format check
+        runs with the reward function, under the same time limit, and only when w > 0."""
         if not 0.0 <= format_weight <= 1.0:
             raise ValueError(f"format_weight must be in [0, 1], got {format_weight}")
-        correct, failures = self.grade(responses, answers)
-        fmt = [format_reward(r) for r in responses]
-        scores = [(1.0 - format_weight) * c + format_weight * f for c, f in zip(correct, fmt)]
+        with_format = format_weight > 0.0
+        results = self._grade(responses, answers, with_format)
+        correct = [c for c, _, _ in results]
+        fmt = [f for _, f, _ in results] if with_format else []
+        scores = [(1.0 - format_weight) * c + format_weight * f for c, f, _ in results]
+        failures = [(i, why) for i, (_, _, why) in enumerate(results) if why is not None]
         return BatchScores(scores=scores, correct=correct, format=fmt, failures=failures)
 
 

@@ -256,7 +256,7 @@ def _write_conversion_metadata(ctx, model_dir: str) -> None:
     layer implementation and FP8 settings the run's model was built with."""
     from megatron.core import parallel_state as ps
 
-    from mssr_megatron.checkpoint.convert import layer_metadata, write_metadata
+    from mssr_megatron.checkpoint.metadata import layer_metadata, write_metadata
 
     dims, text = ctx.actor.dims, ctx.hf_config.text_config
     write_metadata(model_dir, ctx.cfg.model.hf_path, tp=ps.get_tensor_model_parallel_world_size(),

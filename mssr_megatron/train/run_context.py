@@ -117,7 +117,7 @@ def build_context(cfg: RunConfig) -> RunContext:
 
     from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.algorithms.pipeline import RLAlgorithm
-    from mssr_megatron.checkpoint.dist_io import HFTensors
+    from mssr_megatron.checkpoint.dist_io import HFTensors, hf_tensor_index
     from mssr_megatron.data.prompts import load_split
     from mssr_megatron.data.sampler import PromptSampler
     from mssr_megatron.metrics import MetricsLogger
@@ -136,6 +136,7 @@ def build_context(cfg: RunConfig) -> RunContext:
 
     set_engine_nccl_env(cfg.rollout.engine)  # every rank, before any communicator: as the engine's rank will have it
     hf_config = load_hf_config(cfg.model.hf_path)
+    hf_tensor_index(cfg.model.hf_path)  # weight files whole (sizes vs headers): a damaged one named in one line, now
     check_layout(hf_config, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     processor = load_processor(cfg.model.hf_path)
     train_set = load_split(cfg.data.train_path, cfg.data, "train", processor)
