@@ -4,6 +4,7 @@
     rl_step          the pieces of one step (generate, grade, experience, log-probs, updates)
     run_context      everything a run holds, built once from the config
     run_checkpoint   save / resume of the whole run (model, optimizer, tracker, sampler, RNG)
+    run_dir          which run a run directory holds: refusal of a fresh run into a used one, overwrite, run ids
     actor            a Megatron model with its optimizer: log-probs and train steps over micro-batches
     experience       the step's rollouts as padded training tensors
 """

@@ -6,7 +6,7 @@
         trainer_state.pt  step, LR schedule, Beta tracker + forgetting rule (the same on every rank: checked),
                           sampler position (rank 0)
         rng/rank_<r>.pt   every RNG stream of rank r (torch, megatron's model-parallel tracker, python, numpy)
-        COMPLETE          written last: a directory without it is not a checkpoint
+        COMPLETE          written last: a directory without it is not a checkpoint; names the run (run_dir.py)
 A checkpoint is first written to `step_000010.tmp` and renamed when complete, so a crash or a preemption mid-write
 leaves the previous checkpoint intact. `checkpoint.resume: auto` continues from the newest complete one.
 """
@@ -24,6 +24,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from mssr_megatron.train.run_dir import owned_checkpoints
 
 log = logging.getLogger("mssr")
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -189,10 +191,10 @@ def save(ctx) -> str:
     _barrier()
     if _rank() == 0:
         with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            json.dump({"step": ctx.step, "time": time.time()}, f)
+            json.dump({"step": ctx.step, "time": time.time(), "run_id": ctx.run_id}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for _, old in complete_checkpoints(save_dir)[: -ctx.cfg.checkpoint.keep_last or None]:
+        for _, old in owned_checkpoints(save_dir, ctx.run_id)[: -ctx.cfg.checkpoint.keep_last or None]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint saved: %s", final)
     _barrier()
@@ -214,13 +216,14 @@ def _write_conversion_metadata(ctx, model_dir: str) -> None:
                    state_key="model", **layer_metadata(ctx.cfg.model))
 
 
-def resolve_resume(cfg) -> str | None:
-    """The checkpoint to resume from: None (fresh run), the newest complete one ('auto'), or a given path."""
+def resolve_resume(cfg, run_id: str | None) -> str | None:
+    """The checkpoint to resume from: None (fresh run), the newest complete one of run `run_id` ('auto'), or a
+    given path."""
     resume = cfg.checkpoint.resume
     if not resume:
         return None
     if resume == "auto":
-        found = complete_checkpoints(cfg.checkpoint_dir)
+        found = owned_checkpoints(cfg.checkpoint_dir, run_id)
         return found[-1][1] if found else None
     if not os.path.exists(os.path.join(resume, "COMPLETE")):
         raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete checkpoint (no COMPLETE marker); "
@@ -232,7 +235,7 @@ def maybe_resume(ctx) -> bool:
     """Restore model, optimizer, schedule, algorithm state, sampler, RNG and step; push the weights to the engine."""
     from mssr_megatron.rollout.weight_export import sync_weights
 
-    path = resolve_resume(ctx.cfg)
+    path = resolve_resume(ctx.cfg, ctx.run_id)
     if path is None:
         return False
     load_model_and_optimizer(ctx.actor, os.path.join(path, "model"))

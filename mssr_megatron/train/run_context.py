@@ -59,6 +59,8 @@ class RunContext:
     CPU."""
     engine_slots: list = field(default_factory=lambda: [EngineSlot(0, 0, 0, ())])
     """placement.EngineSlot of every engine of the job, in prompt-slice order (the same list on every rank)."""
+    run_id: str | None = None
+    """The run's id (train/run_dir.py): written into its checkpoints, which keep-last and resume=auto go by."""
 
     @property
     def engine_hosts(self) -> list[int]:
@@ -129,7 +131,9 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.rollout.placement import live_engine_slots, reward_workers_per_host
     from mssr_megatron.rollout.sampling import blocked_token_ids
     from mssr_megatron.rollout.weight_export import sync_weights
+    from mssr_megatron.train.run_dir import apply_on_rank0, plan_run_dir
 
+    run_dir_plan = plan_run_dir(cfg)  # a fresh run into a used directory is refused here, before anything is loaded
     set_engine_nccl_env(cfg.rollout.engine)  # every rank, before any communicator: as the engine's rank will have it
     hf_config = load_hf_config(cfg.model.hf_path)
     check_layout(hf_config, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
@@ -143,6 +147,7 @@ def build_context(cfg: RunConfig) -> RunContext:
     cfg.validate(world_size=dist.get_world_size())
     check_training_start(cfg, hf_config, dist.get_world_size(), device)  # CUDA: refuse a plan over the GPU's memory
     run_dir = cfg.trainer.output_dir
+    run_id = apply_on_rank0(run_dir_plan, cfg)  # before anything else in the run directory is written
     rank0 = dist.get_rank() == 0
     if rank0:
         os.makedirs(run_dir, exist_ok=True)
@@ -184,7 +189,7 @@ def build_context(cfg: RunConfig) -> RunContext:
                       engine=engine, colocation=colocation, grader=grader, algo=algo, train=train_set, val=val_set,
                       sampler=sampler, logger=logger,
                       blocked_ids=blocked_token_ids(processor.tokenizer, hf_config.text_config.vocab_size),
-                      run_dir=run_dir, device=device, engine_slots=slots)
+                      run_dir=run_dir, device=device, engine_slots=slots, run_id=run_id)
 
 
 def _build_engine(cfg: RunConfig, device: torch.device, slot: EngineSlot):
