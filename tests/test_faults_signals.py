@@ -67,6 +67,20 @@ def test_cli_says_checkpoint_saved_only_when_one_was():
     assert "nothing trained yet" in _stopped_line({"preempted_at_step": 0, "signal": "SIGINT", "checkpoint_saved": None})
 
 
+def test_second_sigint_exits_in_one_line(monkeypatch, capsys):
+    """What the CLI prints when the second Ctrl-C's KeyboardInterrupt comes out of train(): one line, exit 130."""
+    from mssr_megatron import cli
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    monkeypatch.delenv("MSSR_TRACEBACK", raising=False)
+    assert cli.main(["train", "examples/configs/tiny_cpu.yaml"]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "mssr train: interrupted: exited at once, nothing saved (checkpoints already on disk are intact)"]
+
+
 def _fake_ctx(num_prompts: int, *overrides):
     cfg = load_config(None, ["data.prompts_per_step=4", "optimizer.mini_batch_size=4",
                              "algorithm.baseline.init_rollouts=2", *overrides])
