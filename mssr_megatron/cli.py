@@ -63,10 +63,12 @@ def _train(args: argparse.Namespace) -> int:
     _setup_logging()
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     if "preempted_at_step" in summary:  # the batch script requeues the job; no plots or summary now
-        print(f"preempted at step {summary['preempted_at_step']}: checkpoint saved, resume with checkpoint.resume=auto")
+        if rank0:
+            print(_stopped_line(summary))
         return 0
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank0:
         from mssr_megatron.plots import plot_runs
 
         figures = plot_runs([cfg.trainer.output_dir], os.path.join(cfg.trainer.output_dir, "plots"))
@@ -77,6 +79,18 @@ def _train(args: argparse.Namespace) -> int:
         print(f"checkpoints: {cfg.checkpoint_dir}" + (f"; Hugging Face export: {summary['hf_export']}"
                                                          if summary.get("hf_export") else ""))
     return 0
+
+
+def _stopped_line(summary: dict) -> str:
+    """What a run stopped by a signal left: a checkpoint saved now, one saved before, or nothing (step 0)."""
+    step, path = summary["preempted_at_step"], summary["checkpoint_saved"]
+    if path:
+        left = f"checkpoint saved: {path}; continue with checkpoint.resume=auto"
+    elif step:
+        left = "its checkpoint was saved before; continue with checkpoint.resume=auto"
+    else:
+        left = "nothing trained yet, no checkpoint; checkpoint.resume=auto starts the run over"
+    return f"stopped by {summary['signal']} at step {step}: {left}"
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -213,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mssr {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or Ctrl-C in any other command
+        if os.environ.get("MSSR_TRACEBACK"):
+            raise
+        print(f"mssr {args.command}: interrupted: exited at once, nothing saved (checkpoints already on disk are "
+              "intact)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -298,6 +298,8 @@ class TrainerConfig:
     """Global seed (model init, dropout, sampler)."""
     output_dir: str = "runs/mssr"
     """Run directory: resolved config, logs, checkpoints, exported model."""
+    overwrite: bool = False
+    """Start a fresh run in an output_dir that holds one: delete its metrics, summary, plots, checkpoints first."""
     max_nonfinite_steps: int = 3
     """Abort after this many consecutive steps with a non-finite loss or gradient (skipped steps)."""
     max_logprob_mismatch: float | None = None

@@ -127,6 +127,9 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
                  f"rollout.engine={r.engine} needs CUDA; use rollout.engine=hf with trainer.device=cpu")
 
     _check_fp8_on_this_gpu(m, device)
+    _require(not (cfg.trainer.overwrite and cfg.checkpoint.resume),
+             f"trainer.overwrite=true starts the run over and checkpoint.resume={cfg.checkpoint.resume} continues it: "
+             "set one of them")
 
     # rollout
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p!r} must be in (0, 1]")

@@ -106,7 +106,7 @@ def test_auto_resume_skips_a_damaged_newest_checkpoint(tmp_path, caplog, case):
     name, damage, what = DAMAGE[case]
     damage(os.path.join(newest, name))
     with caplog.at_level(logging.WARNING, logger="mssr"):
-        assert resolve_resume(_cfg(tmp_path, "auto")) == previous
+        assert resolve_resume(_cfg(tmp_path, "auto"), None) == previous
     rejected = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert len(rejected) == 1, rejected
     assert newest in rejected[0] and name in rejected[0] and what in rejected[0], rejected[0]
@@ -118,7 +118,7 @@ def test_explicit_damaged_checkpoint_is_an_error_naming_the_file(tmp_path):
     path = _fake_checkpoint(tmp_path, 1)
     _random_bytes_inside(os.path.join(path, "model/__0_1.distcp"))
     with pytest.raises(Exception) as info:
-        resolve_resume(_cfg(tmp_path, path))
+        resolve_resume(_cfg(tmp_path, path), None)
     assert type(info.value).__name__ == "CheckpointError"  # caught by the CLI: one line
     assert "model/__0_1.distcp" in str(info.value) and "checksum" in str(info.value)
     assert "\n" not in str(info.value)
@@ -130,7 +130,7 @@ def test_every_checkpoint_damaged_stops_in_one_line(tmp_path, caplog):
     _zero(os.path.join(_fake_checkpoint(tmp_path, 1), "rng/rank_0.pt"))
     os.remove(os.path.join(_fake_checkpoint(tmp_path, 2), "model/common.pt"))
     with caplog.at_level(logging.WARNING, logger="mssr"), pytest.raises(Exception) as info:
-        resolve_resume(_cfg(tmp_path, "auto"))
+        resolve_resume(_cfg(tmp_path, "auto"), None)
     assert type(info.value).__name__ == "CheckpointError"
     assert "none of the 2 checkpoints" in str(info.value) and "\n" not in str(info.value)
     assert len([r for r in caplog.records if "damaged, skipped" in r.getMessage()]) == 2
@@ -147,7 +147,7 @@ def test_trainer_state_that_verifies_but_does_not_unpickle_is_rejected(tmp_path,
     with open(os.path.join(newest, "MANIFEST.json"), "w") as f:
         json.dump({"version": 1, "hash": "crc32", "world_size": 1, "files": _independent_manifest(newest)}, f)
     with caplog.at_level(logging.WARNING, logger="mssr"):
-        assert resolve_resume(_cfg(tmp_path, "auto")) == previous
+        assert resolve_resume(_cfg(tmp_path, "auto"), None) == previous
     assert any("trainer_state.pt: cannot be read" in r.getMessage() for r in caplog.records)
 
 
@@ -156,7 +156,7 @@ def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, caplog):
 
     path = _fake_checkpoint(tmp_path, 1, manifest=False)
     with caplog.at_level(logging.WARNING, logger="mssr"):
-        assert resolve_resume(_cfg(tmp_path, "auto")) == path
+        assert resolve_resume(_cfg(tmp_path, "auto"), None) == path
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "cannot be verified" in warnings[0], warnings
 

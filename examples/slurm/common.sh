@@ -10,9 +10,10 @@
 #   3. a preemption notice to the batch shell (SIGUSR1 from `#SBATCH --signal=B:USR1@T` or from
 #      `scancel --batch --signal=USR1 JOBID`) is passed on as SIGUSR1 to the training ranks on this node, by PID.
 #      One rank is enough: the trainer all-reduces the stop flag, every rank saves at the same step and exits 0;
-#   4. the trainer leaves <run_dir>/PREEMPTED when it stopped for a signal with its checkpoint saved: then the job
-#      requeues itself (`scontrol requeue`) and the next attempt resumes. Otherwise the job ends with the exit
-#      status of the training step.
+#   4. the trainer leaves <run_dir>/PREEMPTED when it stopped for a signal (its last completed step saved, or stopped
+#      before the first step, e.g. during the tracker initialisation): then the job requeues itself
+#      (`scontrol requeue`) and the next attempt resumes, or starts the run over when it had no checkpoint yet.
+#      Otherwise the job ends with the exit status of the training step.
 #
 # Why not let Slurm deliver the signal to the step (`--signal=USR1@T` without `B:`, or `scancel --signal=USR1` without
 # `--batch`)? Slurm signals every process of a step: torchrun (which ignores SIGUSR1 here, see mssr_start_node) and

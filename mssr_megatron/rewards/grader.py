@@ -117,8 +117,10 @@ def _init_worker(parent_pid: int, kernel_signal: bool) -> None:
     """Pool initializer: exit with the parent (`_die_with_parent`), and pay math-verify's import and first-call cost
     (~1 s) once per worker, not per task. SIGUSR1 is ignored: a preemption notice that SLURM sends to every process of
     a job step is for the trainer, which asks its workers to stop itself (the default action would kill the worker
-    mid-batch)."""
+    mid-batch). SIGINT too: Ctrl-C reaches the whole process group, and the trainer finishes its step (a
+    KeyboardInterrupt would break the pool)."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid, kernel_signal)
     math_reward("\\boxed{\\frac{1}{2}}", "0.5")
 

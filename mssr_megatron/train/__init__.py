@@ -5,6 +5,7 @@
     run_context      everything a run holds, built once from the config
     run_checkpoint   save / resume of the whole run (model, optimizer, tracker, sampler, RNG)
     checkpoint_files the manifest of a checkpoint's files (sizes, CRC-32), verified before a resume
+    run_dir          which run a run directory holds: refusal of a fresh run into a used one, overwrite, run ids
     actor            a Megatron model with its optimizer: log-probs and train steps over micro-batches
     experience       the step's rollouts as padded training tensors
     finite_check     NaN/Inf checks of the weights after each step and of a loaded or saved optimizer state

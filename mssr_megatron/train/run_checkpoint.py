@@ -7,7 +7,7 @@
                           sampler position (rank 0), the run's resolved config (resume_config compares it on resume)
         rng/rank_<r>.pt   every RNG stream of rank r (torch, megatron's model-parallel tracker, python, numpy)
         MANIFEST.json     size and CRC-32 of every file above (checkpoint_files.py), hashed by all ranks
-        COMPLETE          written last: a directory without it is not a checkpoint
+        COMPLETE          written last: a directory without it is not a checkpoint; names the run (run_dir.py)
 A checkpoint is first written to `step_000010.tmp` and renamed when complete, so a crash or a preemption mid-write
 leaves the previous checkpoint intact; a failed write (a full disk) removes the `.tmp` and stops in one line.
 `checkpoint.resume: auto` continues from the newest complete checkpoint that verifies against its manifest.
@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from mssr_megatron.config import to_dict
 from mssr_megatron.train import checkpoint_files, finite_check
+from mssr_megatron.train.run_dir import owned_checkpoints
 
 log = logging.getLogger("mssr")
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -188,13 +189,13 @@ def save(ctx) -> str:
     try:
         _write_checkpoint(ctx, tmp)
         checkpoint_files.write_manifest(tmp)
-        checkpoint_files.call_on_every_rank(lambda: _publish(tmp, final, ctx.step), f"completing {final}")
+        checkpoint_files.call_on_every_rank(lambda: _publish(tmp, final, ctx.step, ctx.run_id), f"completing {final}")
     except checkpoint_files.FAILURES as exc:
         _abandon(tmp, save_dir, ctx.step, exc)
     if _rank() == 0:
         # after the rename: a crash before it leaves every older checkpoint in place
         keep = ctx.cfg.checkpoint.keep_last
-        for _, old in complete_checkpoints(save_dir)[:-keep] if keep else []:
+        for _, old in owned_checkpoints(save_dir, ctx.run_id)[:-keep] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint saved: %s", final)
     _barrier()
@@ -225,12 +226,12 @@ def _write_checkpoint(ctx, tmp: str) -> None:
     checkpoint_files.call_on_every_rank(write_states, f"writing the trainer and RNG states into {tmp}")
 
 
-def _publish(tmp: str, final: str, step: int) -> None:
+def _publish(tmp: str, final: str, step: int, run_id: str | None) -> None:
     """Rank 0: COMPLETE (written after the manifest), then the rename that makes the checkpoint visible."""
     if _rank() != 0:
         return
     with open(os.path.join(tmp, checkpoint_files.COMPLETE), "w") as f:
-        json.dump({"step": step, "time": time.time()}, f)
+        json.dump({"step": step, "time": time.time(), "run_id": run_id}, f)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
@@ -266,11 +267,11 @@ def _write_conversion_metadata(ctx, model_dir: str) -> None:
                    state_key="model", **layer_metadata(ctx.cfg.model))
 
 
-def resolve_resume(cfg) -> str | None:
+def resolve_resume(cfg, run_id: str | None) -> str | None:
     """The checkpoint to resume from, VERIFIED (checkpoint_files.verify): None (a fresh run), the newest complete
-    checkpoint that verifies ('auto'; one warning line per newer one rejected), or the given path. COLLECTIVE once
-    torch.distributed is initialised (the files are hashed by every rank): call it once, on every rank, before any
-    model is built (build_context), and pass the answer on (RunContext.resume_path).
+    checkpoint of run `run_id` that verifies ('auto'; one warning line per newer one rejected), or the given path.
+    COLLECTIVE once torch.distributed is initialised (the files are hashed by every rank): call it once, on every
+    rank, before any model is built (build_context), and pass the answer on (RunContext.resume_path).
     Raises CheckpointError in one line: an explicit path that fails verification (naming the file), or 'auto' when
     checkpoints exist but none verifies (a fresh start would silently throw the run away)."""
     resume = cfg.checkpoint.resume
@@ -286,7 +287,7 @@ def resolve_resume(cfg) -> str | None:
                 f"checkpoint.resume={resume!r} is damaged: {checkpoint_files.describe(problems)}; resume from another "
                 f"checkpoint (checkpoint.resume=auto takes the newest one that verifies)")
         return resume
-    found = complete_checkpoints(cfg.checkpoint_dir)
+    found = owned_checkpoints(cfg.checkpoint_dir, run_id)
     for _, path in reversed(found):
         problems = _verified(path)
         if not problems:
@@ -329,7 +330,7 @@ def maybe_resume(ctx) -> bool:
     ctx.logger.resume(ctx.step)
     sync_weights(ctx.actor.module, ctx.actor.dims, ctx.engine, ctx.cfg.rollout.weight_bucket_bytes,
                  hosts=ctx.engine_hosts)
-    newer = ([p for step, p in complete_checkpoints(ctx.cfg.checkpoint_dir) if step > ctx.step]
+    newer = ([p for step, p in owned_checkpoints(ctx.cfg.checkpoint_dir, ctx.run_id) if step > ctx.step]
              if ctx.cfg.checkpoint.resume == "auto" else [])  # resolve_resume rejected them
     log.info("resumed from %s at step %d%s", path, ctx.step,
              f" (skipped {len(newer)} newer damaged checkpoint(s): {', '.join(newer)})" if newer else "")

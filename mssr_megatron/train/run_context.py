@@ -61,6 +61,8 @@ class RunContext:
     """placement.EngineSlot of every engine of the job, in prompt-slice order (the same list on every rank)."""
     resume_path: str | None = None
     """The verified checkpoint this run resumes from (run_checkpoint.resolve_resume); None = a fresh run."""
+    run_id: str | None = None
+    """The run's id (train/run_dir.py): written into its checkpoints, which keep-last and resume=auto go by."""
 
     @property
     def engine_hosts(self) -> list[int]:
@@ -133,7 +135,9 @@ def build_context(cfg: RunConfig) -> RunContext:
     from mssr_megatron.rollout.weight_export import sync_weights
     from mssr_megatron.train.resume_config import check_resume_config
     from mssr_megatron.train.run_checkpoint import resolve_resume
+    from mssr_megatron.train.run_dir import apply_on_rank0, plan_run_dir
 
+    run_dir_plan = plan_run_dir(cfg)  # a fresh run into a used directory is refused here, before anything is loaded
     set_engine_nccl_env(cfg.rollout.engine)  # every rank, before any communicator: as the engine's rank will have it
     hf_config = load_hf_config(cfg.model.hf_path)
     hf_tensor_index(cfg.model.hf_path)  # weight files whole (sizes vs headers): a damaged one named in one line, now
@@ -146,11 +150,13 @@ def build_context(cfg: RunConfig) -> RunContext:
                   backend=p.backend, device=cfg.trainer.device, timeout_minutes=p.timeout_minutes)
     device = compute_device(cfg.trainer.device)
     cfg.validate(world_size=dist.get_world_size())
-    resume_path = resolve_resume(cfg)  # collective; checks the checkpoint's files before anything is built or written
+    # collective: the checkpoint's files are checked before anything is built or written
+    resume_path = resolve_resume(cfg, run_dir_plan.run_id)
     # before config.yaml is rewritten and any model is built: what may change from the checkpoint's run
     check_resume_config(cfg, resume_path)
     check_training_start(cfg, hf_config, dist.get_world_size(), device)  # CUDA: refuse a plan over the GPU's memory
     run_dir = cfg.trainer.output_dir
+    run_id = apply_on_rank0(run_dir_plan, cfg)  # before anything else in the run directory is written
     rank0 = dist.get_rank() == 0
     if rank0:
         os.makedirs(run_dir, exist_ok=True)
@@ -192,7 +198,8 @@ def build_context(cfg: RunConfig) -> RunContext:
                       engine=engine, colocation=colocation, grader=grader, algo=algo, train=train_set, val=val_set,
                       sampler=sampler, logger=logger,
                       blocked_ids=blocked_token_ids(processor.tokenizer, hf_config.text_config.vocab_size),
-                      run_dir=run_dir, device=device, engine_slots=slots, resume_path=resume_path)
+                      run_dir=run_dir, device=device, engine_slots=slots, resume_path=resume_path,
+                      run_id=run_id)
 
 
 def _build_engine(cfg: RunConfig, device: torch.device, slot: EngineSlot):

@@ -30,33 +30,42 @@ MISMATCH_METRIC = "mismatch/mean_abs_diff"  # what trainer.max_logprob_mismatch 
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run RL training as configured; returns the run summary (on every rank)."""
+    """Run RL training as configured; returns the run summary (on every rank), or {"preempted_at_step": ...} when
+    a signal stopped it (see _stop_for_signal)."""
     stop = _PreemptionFlag()  # before the (minutes-long) set-up, so that an early preemption notice is not lost
-    ctx = build_context(cfg)
     try:
-        return _run(ctx, stop)
+        ctx = build_context(cfg)
+        try:
+            return _run(ctx, stop)
+        finally:
+            ctx.close()
     finally:
-        ctx.close()
+        stop.restore()
 
 
 def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
+    """The run. The stop flag is agreed (every rank, the same boundaries) after the set-up, between chunks of the
+    tracker initialisation, before the step-0 validation, after each step's rollouts and after each step."""
     from mssr_megatron.train import run_checkpoint
 
     cfg = ctx.cfg
     _mark_preempted(ctx, None)
-    resumed = run_checkpoint.maybe_resume(ctx)
-    start_step = ctx.step  # on disk already when resumed; at step 0 there is nothing to save (and no optimizer state)
-    if not resumed:
-        initialize_tracker(ctx)
-        if cfg.trainer.val_before_train and ctx.val is not None:
+    # the step whose checkpoint is on disk; at step 0 there is nothing to save (and no optimizer state)
+    on_disk = ctx.step if run_checkpoint.maybe_resume(ctx) else None
+    if on_disk is None and not stop.agreed() and initialize_tracker(ctx, stop):
+        if cfg.trainer.val_before_train and ctx.val is not None and not stop.agreed():
             ctx.logger.log(0, validate(ctx))
     nonfinite_steps = 0
     while ctx.step < cfg.trainer.total_steps and not stop.agreed():
         try:
-            metrics = train_step(ctx)
+            metrics = train_step(ctx, stop)
         except NonFiniteError as exc:  # raised on every rank, before anything saved or exported these weights
             raise NonFiniteError(f"step {ctx.step + 1}: {exc}; the run stops without saving or exporting them; "
                                  f"{_last_good_checkpoint(ctx)}") from None
+        if metrics is None:
+            log.warning("signal %s: step %d dropped after its rollouts (nothing of it applied)", stop.signal_name,
+                        ctx.step + 1)
+            break
         ctx.step += 1
         if ctx.actor.nonfinite is not None:
             nonfinite_steps += 1
@@ -72,18 +81,11 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
         check_logprob_mismatch(ctx, metrics)
         if cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0:
             run_checkpoint.save(ctx)
-    saved = ctx.step == start_step or (cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0)
+            on_disk = ctx.step
     # agreed again: a signal to one rank during the last step would otherwise send the ranks down different branches
     if stop.agreed():
-        if saved:
-            log.warning("signal %s: exiting at step %d (%s)", stop.signal_name, ctx.step,
-                        "its checkpoint is on disk" if ctx.step else "nothing trained yet")
-        else:
-            log.warning("signal %s: saving a checkpoint at step %d and exiting", stop.signal_name, ctx.step)
-            run_checkpoint.save(ctx)
-        _mark_preempted(ctx, stop.signal_name)
-        return {"preempted_at_step": ctx.step}
-    if not saved:
+        return _stop_for_signal(ctx, stop, on_disk)
+    if on_disk != ctx.step:
         run_checkpoint.save(ctx)
     return finish(ctx)
 
@@ -91,22 +93,47 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
 def _last_good_checkpoint(ctx: RunContext) -> str:
     """Where to resume after a non-finite stop: the newest complete checkpoint (every one was checked finite when
     written, and is checked again when loaded)."""
-    from mssr_megatron.train import run_checkpoint
+    from mssr_megatron.train.run_dir import owned_checkpoints
 
-    found = run_checkpoint.complete_checkpoints(ctx.cfg.checkpoint_dir)
+    found = owned_checkpoints(ctx.cfg.checkpoint_dir, ctx.run_id)
     if not found:
         return f"no checkpoint in {ctx.cfg.checkpoint_dir} to resume from: start again (e.g. with a lower optimizer.lr)"
     return f"the last good checkpoint is {found[-1][1]} (checkpoint.resume=auto, e.g. with a lower optimizer.lr)"
 
 
-def train_step(ctx: RunContext) -> dict[str, float]:
+def _stop_for_signal(ctx: RunContext, stop: "_PreemptionFlag", on_disk: int | None) -> dict:
+    """Save the current step unless its checkpoint is on disk or nothing was trained yet, and leave the PREEMPTED
+    marker. Returns {"preempted_at_step", "signal", "checkpoint_saved": the path written now, or None}."""
+    from mssr_megatron.train import run_checkpoint
+
+    path = None
+    if ctx.step == 0:
+        log.warning("signal %s: exiting before the first step (nothing trained yet, nothing to save)",
+                    stop.signal_name)
+    elif on_disk == ctx.step:
+        log.warning("signal %s: exiting at step %d (its checkpoint is on disk)", stop.signal_name, ctx.step)
+    else:
+        log.warning("signal %s: saving a checkpoint at step %d and exiting", stop.signal_name, ctx.step)
+        path = run_checkpoint.save(ctx)
+    _mark_preempted(ctx, stop.signal_name)
+    return {"preempted_at_step": ctx.step, "signal": stop.signal_name, "checkpoint_saved": path}
+
+
+def train_step(ctx: RunContext, stop: "_PreemptionFlag | None" = None) -> dict[str, float] | None:
+    """One RL step; returns its metrics. With `stop`: None when the flag is agreed after the rollouts and rewards
+    (the update is the step's other long phase): the step is dropped and the sampler put back, so that ctx.step's
+    state is what a checkpoint of it holds (generation draws from seeded, forked RNG streams: nothing else moved)."""
     cfg, timer = ctx.cfg, StepTimer(cuda_sync=ctx.device.type == "cuda")  # CUDA: phases end when their kernels do
+    sampler_state = ctx.sampler.state_dict()
     with timer("step"):
         records = [ctx.train[i] for i in ctx.sampler.next_step()]
         with timer("rollout"):
             rollouts = rl_step.generate(ctx, records, rl_step.sampling_params(ctx, seed=cfg.rollout.seed + ctx.step))
         with timer("reward"):
             rewards, metrics = rl_step.grade(ctx, records, rollouts)
+        if stop is not None and stop.agreed():
+            ctx.sampler.load_state_dict(sampler_state)
+            return None
         exp = rl_step.make_experience(ctx, records, rollouts, rewards)
         rows = rl_step.data_parallel_rows(ctx, len(exp))
         with ctx.colocation.training():
@@ -171,19 +198,38 @@ def check_logprob_mismatch(ctx: RunContext, metrics: dict[str, float]) -> None:
     raise RuntimeError(f"stopping at {what} (trainer.on_logprob_mismatch=stop); checkpoint saved: {path}; {hint}")
 
 
-def initialize_tracker(ctx: RunContext) -> None:
-    """Before step 0: init_rollouts rollouts per training prompt from the initial policy seed the Beta baseline."""
+def initialize_tracker(ctx: RunContext, stop: "_PreemptionFlag") -> bool:
+    """Before step 0: init_rollouts rollouts per training prompt from the initial policy seed the Beta baseline.
+    Generated and graded in chunks of data.prompts_per_step prompts (a step's worth), the stop flag agreed before
+    each: on a 7B job the whole pass takes minutes, a signal is honoured within one chunk. Returns False when stopped
+    (the tracker is then left as it was). Chunk seeds: rollout.seed - 1 + start * n, what one call over all prompts
+    gives each request with SGLang and vLLM (per-request seeds): the same rollouts there. The HF engine seeds each
+    call once, so its rollouts differ from an unchunked pass's (drawn from the same policy). Cost: one all_reduce
+    per chunk, and engine batches that end at chunk edges."""
     n = ctx.cfg.algorithm.baseline.init_rollouts
     if ctx.algo.tracker is None or n == 0:
-        return
-    records = list(ctx.train)
-    sampling = rl_step.sampling_params(ctx, seed=ctx.cfg.rollout.seed - 1)
-    sampling.n = n
-    rollouts = rl_step.generate(ctx, records, sampling)
-    rewards, metrics = rl_step.grade(ctx, records, rollouts)
-    ctx.algo.initialize([records[int(r.request_id)].prompt_id for r in rollouts], torch.tensor(rewards))
+        return True
+    records, chunk = list(ctx.train), ctx.cfg.data.prompts_per_step
+    log.info("tracker initialisation: %d rollout(s) on each of %d prompts, in %d chunk(s)", n, len(records),
+             -(-len(records) // chunk))
+    prompt_ids, rewards, correct = [], [], 0.0
+    for start in range(0, len(records), chunk):
+        if stop.agreed():
+            log.warning("signal %s: tracker initialisation stopped after %d of %d prompts", stop.signal_name, start,
+                        len(records))
+            return False
+        part = records[start:start + chunk]
+        sampling = rl_step.sampling_params(ctx, seed=ctx.cfg.rollout.seed - 1 + start * n)
+        sampling.n = n
+        rollouts = rl_step.generate(ctx, part, sampling)
+        part_rewards, metrics = rl_step.grade(ctx, part, rollouts)
+        prompt_ids += [part[int(r.request_id)].prompt_id for r in rollouts]
+        rewards += part_rewards
+        correct += metrics.get("reward/accuracy", float("nan")) * len(rollouts)
+    ctx.algo.initialize(prompt_ids, torch.tensor(rewards))
     log.info("tracker initialised on %d prompts: initial mean reward %.3f", len(records),
-             metrics.get("reward/accuracy", float("nan")))
+             correct / max(len(rewards), 1))
+    return True
 
 
 def validate(ctx: RunContext) -> dict[str, float]:
@@ -226,17 +272,34 @@ def _mark_preempted(ctx: RunContext, signal_name: str | None) -> None:
 
 
 class _PreemptionFlag:
-    """SIGTERM / SIGUSR1 (SLURM preemption) ask the loop to save and exit after the current step."""
+    """SIGTERM / SIGUSR1 (SLURM preemption) and SIGINT (Ctrl-C) ask the run to stop at the next boundary where the
+    flag is agreed (_run), saving the last completed step. A second SIGINT exits at once without saving
+    (KeyboardInterrupt; the CLI prints one line): for a run stuck inside a long phase. `restore` puts back the
+    handlers that were installed before."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
         self.signal_name = ""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._interrupts = 0
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt
+            # a signal handler may not take the logging lock that the interrupted code may hold: a plain write
+            os.write(2, b"SIGINT: stopping at the next phase boundary, saving the last completed step; "
+                        b"press Ctrl-C again to exit at once without saving\n")
+        if not self.requested:
+            self.requested = True
+            self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     def agreed(self) -> bool:
         """Whether any rank was signalled (all ranks must stop at the same step)."""
