@@ -208,10 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # building the parser imports megatron (the planner's arguments), whose CPU fallback notices would come before
+    # every command's output, errors included
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     args = build_parser().parse_args(argv)
     from mssr_megatron.config import ConfigError
     from mssr_megatron.train.checkpoint_files import CheckpointError
-    from mssr_megatron.train.finite_check import NonFiniteError
+    from mssr_megatron.train import RunStopped
 
     try:
         return args.func(args)
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"mssr {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except NonFiniteError as exc:  # NaN/Inf weights or optimizer state: the run stopped, nothing of it written
+    except RunStopped as exc:  # non-finite values, the mismatch alarm: the reason in one line
         if os.environ.get("MSSR_TRACEBACK"):
             raise
         print(f"mssr {args.command}: error: {exc}", file=sys.stderr)

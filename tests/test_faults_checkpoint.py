@@ -97,6 +97,19 @@ DAMAGE = {
 }
 
 
+def test_a_save_killed_midway_leaves_only_a_tmp_that_resume_ignores(tmp_path):
+    """kill -9 during a save: the checkpoint exists only as step_N.tmp (renamed after COMPLETE), which resume=auto
+    never takes: it resumes the previous checkpoint, with no warning (nothing damaged was rejected)."""
+    from mssr_megatron.train.run_checkpoint import resolve_resume
+
+    previous = _fake_checkpoint(tmp_path, 1)
+    partial = _fake_checkpoint(tmp_path, 2)
+    os.remove(os.path.join(partial, "COMPLETE"))
+    _truncate(os.path.join(partial, "model/__0_1.distcp"))
+    os.rename(partial, partial + ".tmp")
+    assert resolve_resume(_cfg(tmp_path, "auto"), None) == previous
+
+
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_auto_resume_skips_a_damaged_newest_checkpoint(tmp_path, caplog, case):
     from mssr_megatron.train.run_checkpoint import resolve_resume

@@ -74,3 +74,18 @@ def test_mismatch_alarm_stops_with_a_checkpoint_or_warns(tmp_path):
                             f"trainer.max_logprob_mismatch={THRESHOLD:g} (trainer.on_logprob_mismatch=stop); "
                             f"checkpoint saved: {checkpoint}"), error
     assert "stale weight sync" in error
+
+
+def test_a_run_stopped_on_purpose_ends_in_one_line(monkeypatch, capsys):
+    """What the alarm (and the non-finite stops) raise reaches the user as one line and exit code 1, no traceback."""
+    from mssr_megatron import cli
+    from mssr_megatron.train import RunStopped, trainer
+
+    def stopped(cfg):
+        raise RunStopped("stopping at step 3: mismatch/mean_abs_diff=0.5 nats exceeds trainer.max_logprob_mismatch=0.1")
+
+    monkeypatch.setattr(trainer, "train", stopped)
+    assert cli.main(["train", "examples/configs/tiny_cpu.yaml"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mssr train: error: stopping at step 3: mismatch/mean_abs_diff=0.5 nats exceeds "
+                   "trainer.max_logprob_mismatch=0.1"]

@@ -180,6 +180,16 @@ def test_extract_boxed(response, expected):
     assert extract_boxed(response) == expected
 
 
+def test_a_hundred_thousand_nested_boxes_are_unwrapped_at_once():
+    """Hostile answer (issue 12): the unwrap of nested boxes was quadratic (10k levels: 43 s, 100k: hours); one
+    brace-matching pass takes ~0.4 s for 100k. The bound is a hang guard far above that, not a speed claim."""
+    import time
+
+    start = time.perf_counter()
+    assert extract_boxed("\\boxed{" * 100_000 + "4" + "}" * 100_000) == "4"
+    assert time.perf_counter() - start < 20.0
+
+
 def test_extract_answer_line_forms():
     assert extract_answer("blah\n**Final Answer:** 42\n") == "42"
     assert extract_answer("ANSWER: $x+1$") == "x+1"

@@ -11,3 +11,8 @@
     finite_check     NaN/Inf checks of the weights after each step and of a loaded or saved optimizer state
     resume_config    what a resumed run may change from the config stored in its checkpoint
 """
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on purpose, for a reason told in one line (non-finite values, the log-prob mismatch alarm);
+    `mssr train` prints it without a traceback and exits with 1."""

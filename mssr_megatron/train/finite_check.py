@@ -29,8 +29,10 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+from mssr_megatron.train import RunStopped
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(RunStopped):
     """NaN/Inf in the weights or the optimizer state: the run stops without saving or exporting them."""
 
 

@@ -17,7 +17,7 @@ import signal
 
 import torch
 
-from mssr_megatron.train import rl_step
+from mssr_megatron.train import RunStopped, rl_step
 from mssr_megatron.config import RunConfig
 from mssr_megatron.metrics import StepTimer
 from mssr_megatron.rollout.weight_export import sync_weights
@@ -76,7 +76,7 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
         ctx.logger.log(ctx.step, metrics)
         if nonfinite_steps > cfg.trainer.max_nonfinite_steps:
             run_checkpoint.save(ctx)
-            raise RuntimeError(f"stopping at step {ctx.step}: {nonfinite_steps} steps had non-finite values "
+            raise RunStopped(f"stopping at step {ctx.step}: {nonfinite_steps} steps had non-finite values "
                                f"(last: {ctx.actor.nonfinite}); checkpoint saved")
         check_logprob_mismatch(ctx, metrics)
         if cfg.checkpoint.save_every and ctx.step % cfg.checkpoint.save_every == 0:
@@ -195,7 +195,7 @@ def check_logprob_mismatch(ctx: RunContext, metrics: dict[str, float]) -> None:
         log.warning("%s; %s", what, hint)
         return
     path = run_checkpoint.save(ctx)
-    raise RuntimeError(f"stopping at {what} (trainer.on_logprob_mismatch=stop); checkpoint saved: {path}; {hint}")
+    raise RunStopped(f"stopping at {what} (trainer.on_logprob_mismatch=stop); checkpoint saved: {path}; {hint}")
 
 
 def initialize_tracker(ctx: RunContext, stop: "_PreemptionFlag") -> bool:
