@@ -17,51 +17,12 @@ import shutil
 import subprocess
 import sys
 import types
-import zlib
 
 import pytest
 import torch
 
+from checkpoint_fakes import STEP_FILES, fake_checkpoint, independent_manifest
 from trainer_assets import build_assets, logged_metrics, overrides
-
-STEP_FILES = ("model/.metadata", "model/__0_0.distcp", "model/__0_1.distcp", "model/common.pt",
-              "model/metadata.json", "trainer_state.pt", "rng/rank_0.pt")
-
-
-# --------------------------------------------------------------------------- checkpoint-shaped directories
-def _independent_manifest(directory: str) -> dict:
-    """{relative path: {"size", "crc32"}} of every file but COMPLETE and MANIFEST.json, computed from whole reads."""
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            rel = os.path.relpath(os.path.join(root, name), directory)
-            if rel not in ("COMPLETE", "MANIFEST.json"):
-                data = open(os.path.join(root, name), "rb").read()
-                files[rel] = {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
-    return files
-
-
-def _fake_checkpoint(save_dir, step: int, manifest: bool = True) -> str:
-    """A checkpoint with the files a real one has (random shard bytes, real pickles), its manifest and COMPLETE."""
-    path = os.path.join(str(save_dir), f"step_{step:06d}")
-    os.makedirs(os.path.join(path, "model"))
-    os.makedirs(os.path.join(path, "rng"))
-    gen = torch.Generator().manual_seed(step)
-    for name in ("model/__0_0.distcp", "model/__0_1.distcp", "model/.metadata"):
-        with open(os.path.join(path, name), "wb") as f:
-            f.write(torch.randint(0, 256, (40_000,), generator=gen, dtype=torch.uint8).numpy().tobytes())
-    with open(os.path.join(path, "model/metadata.json"), "w") as f:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, f)
-    torch.save({"optimizer": {"param_groups": []}}, os.path.join(path, "model/common.pt"))
-    torch.save({"step": step, "world_size": 1, "sampler": {"position": step}}, os.path.join(path, "trainer_state.pt"))
-    torch.save({"torch": torch.get_rng_state()}, os.path.join(path, "rng/rank_0.pt"))
-    if manifest:
-        with open(os.path.join(path, "MANIFEST.json"), "w") as f:
-            json.dump({"version": 1, "hash": "crc32", "world_size": 1, "files": _independent_manifest(path)}, f)
-    with open(os.path.join(path, "COMPLETE"), "w") as f:
-        json.dump({"step": step}, f)
-    return path
-
 
 def _cfg(save_dir, resume):
     return types.SimpleNamespace(checkpoint=types.SimpleNamespace(resume=resume), checkpoint_dir=str(save_dir))
@@ -102,8 +63,8 @@ def test_a_save_killed_midway_leaves_only_a_tmp_that_resume_ignores(tmp_path):
     never takes: it resumes the previous checkpoint, with no warning (nothing damaged was rejected)."""
     from mssr_megatron.train.run_checkpoint import resolve_resume
 
-    previous = _fake_checkpoint(tmp_path, 1)
-    partial = _fake_checkpoint(tmp_path, 2)
+    previous = fake_checkpoint(tmp_path, 1)
+    partial = fake_checkpoint(tmp_path, 2)
     os.remove(os.path.join(partial, "COMPLETE"))
     _truncate(os.path.join(partial, "model/__0_1.distcp"))
     os.rename(partial, partial + ".tmp")
@@ -114,8 +75,8 @@ def test_a_save_killed_midway_leaves_only_a_tmp_that_resume_ignores(tmp_path):
 def test_auto_resume_skips_a_damaged_newest_checkpoint(tmp_path, caplog, case):
     from mssr_megatron.train.run_checkpoint import resolve_resume
 
-    previous = _fake_checkpoint(tmp_path, 1)
-    newest = _fake_checkpoint(tmp_path, 2)
+    previous = fake_checkpoint(tmp_path, 1)
+    newest = fake_checkpoint(tmp_path, 2)
     name, damage, what = DAMAGE[case]
     damage(os.path.join(newest, name))
     with caplog.at_level(logging.WARNING, logger="mssr"):
@@ -128,7 +89,7 @@ def test_auto_resume_skips_a_damaged_newest_checkpoint(tmp_path, caplog, case):
 def test_explicit_damaged_checkpoint_is_an_error_naming_the_file(tmp_path):
     from mssr_megatron.train.run_checkpoint import resolve_resume
 
-    path = _fake_checkpoint(tmp_path, 1)
+    path = fake_checkpoint(tmp_path, 1)
     _random_bytes_inside(os.path.join(path, "model/__0_1.distcp"))
     with pytest.raises(Exception) as info:
         resolve_resume(_cfg(tmp_path, path), None)
@@ -140,8 +101,8 @@ def test_explicit_damaged_checkpoint_is_an_error_naming_the_file(tmp_path):
 def test_every_checkpoint_damaged_stops_in_one_line(tmp_path, caplog):
     from mssr_megatron.train.run_checkpoint import resolve_resume
 
-    _zero(os.path.join(_fake_checkpoint(tmp_path, 1), "rng/rank_0.pt"))
-    os.remove(os.path.join(_fake_checkpoint(tmp_path, 2), "model/common.pt"))
+    _zero(os.path.join(fake_checkpoint(tmp_path, 1), "rng/rank_0.pt"))
+    os.remove(os.path.join(fake_checkpoint(tmp_path, 2), "model/common.pt"))
     with caplog.at_level(logging.WARNING, logger="mssr"), pytest.raises(Exception) as info:
         resolve_resume(_cfg(tmp_path, "auto"), None)
     assert type(info.value).__name__ == "CheckpointError"
@@ -153,12 +114,12 @@ def test_trainer_state_that_verifies_but_does_not_unpickle_is_rejected(tmp_path,
     """A file whose bytes match the manifest but cannot be loaded (e.g. a pickle of a class that no longer exists)."""
     from mssr_megatron.train.run_checkpoint import resolve_resume
 
-    previous = _fake_checkpoint(tmp_path, 1)
-    newest = _fake_checkpoint(tmp_path, 2, manifest=False)
+    previous = fake_checkpoint(tmp_path, 1)
+    newest = fake_checkpoint(tmp_path, 2, manifest=False)
     with open(os.path.join(newest, "trainer_state.pt"), "wb") as f:
         f.write(b"\x80\x04\x95not a pickle")
     with open(os.path.join(newest, "MANIFEST.json"), "w") as f:
-        json.dump({"version": 1, "hash": "crc32", "world_size": 1, "files": _independent_manifest(newest)}, f)
+        json.dump({"version": 1, "hash": "crc32", "world_size": 1, "files": independent_manifest(newest)}, f)
     with caplog.at_level(logging.WARNING, logger="mssr"):
         assert resolve_resume(_cfg(tmp_path, "auto"), None) == previous
     assert any("trainer_state.pt: cannot be read" in r.getMessage() for r in caplog.records)
@@ -167,7 +128,7 @@ def test_trainer_state_that_verifies_but_does_not_unpickle_is_rejected(tmp_path,
 def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, caplog):
     from mssr_megatron.train.run_checkpoint import resolve_resume
 
-    path = _fake_checkpoint(tmp_path, 1, manifest=False)
+    path = fake_checkpoint(tmp_path, 1, manifest=False)
     with caplog.at_level(logging.WARNING, logger="mssr"):
         assert resolve_resume(_cfg(tmp_path, "auto"), None) == path
     warnings = [r.getMessage() for r in caplog.records]
@@ -177,10 +138,10 @@ def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, caplog):
 def test_write_manifest_records_every_file(tmp_path):
     from mssr_megatron.train.checkpoint_files import verify, write_manifest
 
-    path = _fake_checkpoint(tmp_path, 1, manifest=False)
+    path = fake_checkpoint(tmp_path, 1, manifest=False)
     write_manifest(path)
     manifest = json.load(open(os.path.join(path, "MANIFEST.json")))
-    assert manifest["files"] == _independent_manifest(path) and sorted(manifest["files"]) == sorted(STEP_FILES)
+    assert manifest["files"] == independent_manifest(path) and sorted(manifest["files"]) == sorted(STEP_FILES)
     assert verify(path) == ([], True)
 
 
@@ -226,8 +187,8 @@ def _split_worker(rank: int, path: str, out: str) -> None:
 def test_two_ranks_split_the_hashing_and_agree(tmp_path):
     from megatron_harness import spawn
 
-    path = _fake_checkpoint(tmp_path / "save", 1, manifest=False)
-    expected = _independent_manifest(path)
+    path = fake_checkpoint(tmp_path / "save", 1, manifest=False)
+    expected = independent_manifest(path)
     spawn(_split_worker, 2, path, str(tmp_path))
     results = [torch.load(tmp_path / f"rank_{r}.pt") for r in range(2)]
     names = sorted(expected)

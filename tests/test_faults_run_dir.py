@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from checkpoint_fakes import fake_checkpoint
 from mssr_megatron.config import ConfigError, load_config
 from mssr_megatron.train import run_dir as R
 from mssr_megatron.train import run_checkpoint
@@ -24,13 +25,8 @@ def _cfg(run, *extra):
 
 
 def _checkpoint(save_dir, step: int, run_id: str | None) -> str:
-    """A complete checkpoint directory as save() leaves it (only the marker matters here)."""
-    path = os.path.join(save_dir, f"step_{step:06d}")
-    os.makedirs(path)
-    marker = {"step": step, "time": 0.0} if run_id == "legacy" else {"step": step, "time": 0.0, "run_id": run_id}
-    with open(os.path.join(path, "COMPLETE"), "w") as f:
-        json.dump(marker, f)
-    return path
+    """A complete checkpoint that verifies, naming run `run_id` ('legacy': from before run ids)."""
+    return fake_checkpoint(save_dir, step, run_id=None if run_id == "legacy" else run_id)
 
 
 def _used_run(run, run_id="aaa") -> None:
