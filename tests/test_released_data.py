@@ -212,9 +212,9 @@ def _train_worker(rank: int, config_path: str, extra: list) -> None:
 
 @pytest.mark.slow
 def test_loop_runs_with_the_released_data_settings(tmp_path):
-    """Two steps with the template file, pixel bounds (the 84x84 images upscaled to 112x112), the box-only grader, a format
-    reward and binarised tracker rewards: the engine and the trainer see the same resized images (their log-probs
-    agree), and validation goes through the same path."""
+    """Two steps with the template file, pixel bounds (the 84x84 images upscaled to 112x112), the box-only grader,
+    a format reward and binarised tracker rewards: the engine and the trainer see the same resized images (their
+    log-probs agree), and validation goes through the same path."""
     import json
 
     from megatron_harness import spawn
