@@ -109,15 +109,17 @@ class PromptFormat:
 
     @property
     def bounded(self) -> bool:
+        """Whether images are resized to pixel bounds here (data.min_pixels or data.max_pixels set)."""
         return self.min_pixels is not None or self.max_pixels is not None
 
     def image_size(self, width: int, height: int, processor) -> tuple[int, int]:
         """(width, height) an image of this size is given to the processor at (unchanged without bounds)."""
         if not self.bounded:
             return width, height
-        return bounded_size(width, height, *self._bounds(processor))
+        return bounded_size(width, height, *self.bounds(processor))
 
-    def _bounds(self, processor) -> tuple[int, int, int]:
+    def bounds(self, processor) -> tuple[int, int, int]:
+        """(min_pixels, max_pixels, factor) images are resized to, the processor's own where unset."""
         ip = processor.image_processor
         low = ip.size["shortest_edge"] if self.min_pixels is None else self.min_pixels
         high = ip.size["longest_edge"] if self.max_pixels is None else self.max_pixels
@@ -129,7 +131,7 @@ class PromptFormat:
         if not self.bounded:
             return
         ip = processor.image_processor
-        low, high, _ = self._bounds(processor)
+        low, high, _ = self.bounds(processor)
         if low < ip.size["shortest_edge"] or high > ip.size["longest_edge"]:
             raise ValueError(
                 f"data.min_pixels..max_pixels = {low}..{high} is not inside the image processor's own bounds "
@@ -194,7 +196,7 @@ def prompt_images(record: Record, template: str | PromptFormat, processor) -> li
     images = decode_images(record.images)
     if not fmt.bounded:
         return images
-    return [resize_to_bounds(image, *fmt._bounds(processor)) for image in images]
+    return [resize_to_bounds(image, *fmt.bounds(processor)) for image in images]
 
 
 def build_request(
