@@ -230,3 +230,13 @@ def test_loop_runs_with_the_released_data_settings(tmp_path):
     assert [m["step"] for m in steps] == [1, 2]
     assert all(math.isfinite(m["actor/loss"]) and m["mismatch/max_abs_diff"] <= 1e-3 for m in steps)
     assert "val/accuracy" in steps[-1]
+
+
+def test_pixel_bounds_config_checks():
+    from mssr_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.min_pixels=9000 must be at most data.max_pixels=8000"):
+        load_config(None, ["data.min_pixels=9000", "data.max_pixels=8000"]).validate()
+    with pytest.raises(ConfigError, match="data.max_pixels=0 must be > 0"):
+        load_config(None, ["data.max_pixels=0"]).validate()
+    load_config(None, ["data.min_pixels=262144", "data.max_pixels=4194304"]).validate()
