@@ -153,6 +153,8 @@ class BaselineConfig:
     """Rollouts per training prompt from the initial policy before step 0 (0 = start every prompt at prior_mean)."""
     prior_mean: float = 0.5
     """Baseline value of prompts that were never initialised or seen."""
+    binarize_rewards: bool = False
+    """Feed the tracker reward > 0.5 as 0/1 instead of the raw (format-mixed) score; the advantages keep the raw one."""
     n0: float | None = None
     """Prior strength a + b of an initialised prompt; null = 1 / (1 - rho_min)."""
 
@@ -268,8 +270,14 @@ class DataConfig:
     """Column holding the ground-truth answer."""
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     """User-turn text; the literal '{problem}' is replaced by the question (plain replacement, not str.format)."""
+    prompt_template_file: str | None = None
+    """Jinja file of the user-turn text, rendered with `problem` per row; replaces prompt_template when set."""
     max_prompt_tokens: int = 2048
     """Prompts longer than this (image tokens included) are skipped."""
+    min_pixels: int | None = None
+    """Smaller images are upscaled (aspect kept, sides multiples of patch x merge size); null = processor's bounds."""
+    max_pixels: int | None = None
+    """Larger images are downscaled (aspect kept, sides multiples of patch x merge size); null = processor's bounds."""
     shuffle: bool = True
     """Shuffle the training set every epoch."""
     seed: int = 0

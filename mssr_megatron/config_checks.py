@@ -93,7 +93,7 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
               "algorithm.baseline.kl_window", "algorithm.baseline.spo_d_half", "algorithm.baseline.n0",
               "optimizer.lr", "optimizer.adam_eps", "optimizer.mini_batch_size", "optimizer.ppo_epochs",
               "optimizer.lr_decay_steps", "data.prompts_per_step", "data.max_prompt_tokens", "data.reward_timeout_s",
-              "data.val_size", "trainer.total_steps", "logging.log_every", "model.fp8_amax_history_len",
+              "data.val_size", "data.min_pixels", "data.max_pixels", "trainer.total_steps", "logging.log_every", "model.fp8_amax_history_len",
               "model.logprob_chunk_tokens", "trainer.max_logprob_mismatch")
     _non_negative(cfg, "model.attention_dropout", "model.hidden_dropout", "model.fp8_margin", "rollout.val_temperature",
                   "algorithm.shaping_alpha", "algorithm.grpo_eps", "algorithm.kl_loss_coef", "algorithm.kl_reward_coef",
@@ -187,5 +187,7 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
 
     # data
     _require("{problem}" in d.prompt_template, "data.prompt_template must contain the placeholder {problem}")
+    _require(d.min_pixels is None or d.max_pixels is None or d.min_pixels <= d.max_pixels,
+             f"data.min_pixels={d.min_pixels} must be at most data.max_pixels={d.max_pixels}")
     _require(d.format_reward_weight <= 1, f"data.format_reward_weight={d.format_reward_weight} must be at most 1 (the "
              "reward is (1 - w) * answer + w * format)")

@@ -49,7 +49,9 @@ def _fake_context(rank: int, fail: bool = False):
 
     # requests without a processor: rl_step.generate's prompt building is not what this test is about
     prompts.build_request = lambda rec, template, processor, request_id=None: GenerationRequest(request_id, rec.prompt)
-    cfg = SimpleNamespace(data=SimpleNamespace(prompt_template="{question}", format_reward_weight=0.0))
+    from mssr_megatron.config import DataConfig
+
+    cfg = SimpleNamespace(data=DataConfig(format_reward_weight=0.0))
     return SimpleNamespace(cfg=cfg, processor=None, is_driver=rank == 0, engine_slots=[EngineSlot(0, 0, 0, ())],
                            engine=SlowEngine(fail) if rank == 0 else None, grader=SlowGrader() if rank == 0 else None)
 

@@ -76,7 +76,8 @@ class RLAlgorithm:
     def initialize(self, prompt_ids: Sequence[Hashable], rewards: torch.Tensor) -> None:
         """Seed the tracker from an initial pass of the starting policy (no-op without a tracker)."""
         if self.tracker is not None:
-            self.tracker.initialize(prompt_ids, rewards, smoothing=self.cfg.baseline.init_smoothing)
+            self.tracker.initialize(prompt_ids, self._tracker_rewards(rewards),
+                                    smoothing=self.cfg.baseline.init_smoothing)
 
     def advantages(
         self,
@@ -161,9 +162,17 @@ class RLAlgorithm:
                 inputs["distance"] = self._global_rows(spo_distance(old_logprobs, new_logprobs, mask[rows]))
         inputs = from_last_rank(inputs, self.stage_group)
         rho = self.rule.step_rho(**inputs)
-        self.tracker.update(prompt_ids, rewards, rho)
+        self.tracker.update(prompt_ids, self._tracker_rewards(rewards), rho)
         self.last_rho = rho
         return {"tracker/rho": float(torch.as_tensor(rho, dtype=torch.float64).mean())}
+
+    def _tracker_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
+        """What the tracker learns from: with baseline.binarize_rewards, success (reward > 0.5) as 0/1, so that a
+        mixed-in format reward does not move the success estimate (as the released code does); else the rewards."""
+        if not self.cfg.baseline.binarize_rewards:
+            return rewards
+        rewards = torch.as_tensor(rewards)
+        return (rewards > 0.5).to(rewards.dtype)
 
     def _global_rows(self, local: torch.Tensor) -> torch.Tensor:
         """Per-row statistics of this replica's rows -> the same for all B rows, in global row order (the one

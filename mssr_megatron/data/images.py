@@ -5,24 +5,38 @@
     decode_images([...])                  # a batch (DALI decodes it on its worker threads)
     image_backend()                       # "dali" or "pil"
     image_size(data)                      # (width, height) from the header only, no pixel decode
+    bounded_size(640, 480, 262144, 4194304, 28)   # (width, height) the image is resized to: see below
+    resize_to_bounds(image, 262144, 4194304, 28)
 
 Both backends return the same thing: an RGB PIL image in display orientation (EXIF rotation applied, as
 transformers' own `load_image` does), so what the processor sees does not depend on which backend ran. DALI is the
 fast path on clusters (about 2x PIL on 2 CPU threads, see PLATFORM_NOTES) but is a ~1 GB optional dependency, so
 everything works without it. A format DALI rejects (e.g. GIF) falls back to PIL for that one image; only data that
 neither can decode raises `ImageDecodeError`.
+
+Pixel bounds (data.min_pixels / data.max_pixels): an image is resized, aspect ratio kept, so that its pixel count
+lies within the bounds and both sides are multiples of `factor` (patch_size x spatial_merge_size, 28 for
+Qwen2.5-VL). The rule is the one the Qwen2-VL image processor applies with its own bounds (transformers'
+`smart_resize`; the tests compare the two): round each side to the nearest multiple; if that has too many pixels,
+scale down to max_pixels and round down; too few, scale up to min_pixels and round up. Applied here, before the
+processor, so that every engine (HF, SGLang, vLLM, each with its own copy of the processor) gets the same image;
+the processor then leaves it as it is when its own bounds contain these (checked in data/prompts.py).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import threading
 from typing import Sequence
 
 from PIL import Image, ImageOps
 
-__all__ = ["ImageDecodeError", "decode_image", "decode_images", "image_backend", "image_size", "read_image_bytes"]
+__all__ = [
+    "ImageDecodeError", "bounded_size", "decode_image", "decode_images", "image_backend", "image_size",
+    "read_image_bytes", "resize_to_bounds",
+]
 
 # One DALI pipeline per process, built on first use: building one costs ~100 ms, decoding a small image ~1 ms.
 _DALI_BATCH = 16  # the pipeline's max batch; decode_images feeds at most this many at once
@@ -167,3 +181,29 @@ def decode_images(items: Sequence[bytes | str | os.PathLike]) -> list[Image.Imag
 def decode_image(data: bytes | str | os.PathLike) -> Image.Image:
     """Decode encoded image bytes or an image file to an RGB PIL image (DALI where installed, PIL otherwise)."""
     return decode_images([data])[0]
+
+
+def bounded_size(width: int, height: int, min_pixels: int, max_pixels: int, factor: int) -> tuple[int, int]:
+    """(width, height) closest to this aspect ratio with sides multiples of `factor` and a pixel count within
+    [min_pixels, max_pixels] (the rule in the module docstring)."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if max(width, height) / min(width, height) > 200:  # the Qwen2-VL processor refuses these too
+        raise ValueError(f"image of {width}x{height} has an aspect ratio over 200, which the vision encoder refuses")
+    w, h = round(width / factor) * factor, round(height / factor) * factor
+    if w * h > max_pixels:
+        shrink = math.sqrt(width * height / max_pixels)
+        w = max(factor, math.floor(width / shrink / factor) * factor)
+        h = max(factor, math.floor(height / shrink / factor) * factor)
+    elif w * h < min_pixels:
+        grow = math.sqrt(min_pixels / (width * height))
+        w = math.ceil(width * grow / factor) * factor
+        h = math.ceil(height * grow / factor) * factor
+    return w, h
+
+
+def resize_to_bounds(image: Image.Image, min_pixels: int, max_pixels: int, factor: int) -> Image.Image:
+    """`image` resized (bicubic, as the Qwen2-VL processor resizes) to `bounded_size`; the same object when it
+    already has that size."""
+    size = bounded_size(image.width, image.height, min_pixels, max_pixels, factor)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)

@@ -10,13 +10,19 @@ Rules (shared by every reward so that they agree on what "the answer" is):
   to an answer line would reward the truncated rollout.
 * Only when the response has no box at all, the last line containing "answer: X" or "the answer is X"
   (case-insensitive) supplies X.
+
+Gold answers: datasets store some as ``<answer>X</answer>``; ``gold_answer`` takes X (the released grader strips
+these tags from the gold answer too). A response's own ``<answer>`` tags play no part: its answer is its box.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["extract_answer", "extract_boxed", "extract_answer_line", "extract_choice_letter", "strip_math_delimiters"]
+__all__ = [
+    "extract_answer", "extract_boxed", "extract_answer_line", "extract_choice_letter", "gold_answer",
+    "strip_math_delimiters",
+]
 
 # `(?![A-Za-z])` so that e.g. `\boxedfoo` (another macro) is not taken for a box.
 _BOX_CMD = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -139,6 +145,16 @@ def extract_answer_line(response: str) -> str | None:
         ans = strip_math_delimiters(ans)
         return ans or None
     return None
+
+
+_ANSWER_TAGS = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+
+
+def gold_answer(answer: str) -> str:
+    """A gold answer without `<answer>...</answer>` tags: the content of the last tagged span when there is one
+    ("<answer> 3 </answer>" -> "3"), else the answer as it is."""
+    spans = _ANSWER_TAGS.findall(answer or "")
+    return spans[-1].strip() if spans else answer
 
 
 def extract_answer(response: str) -> str | None:

@@ -11,9 +11,9 @@ from typing import Callable
 
 from mssr_megatron.registry import Registry
 from mssr_megatron.rewards.equivalence import math_equal
-from mssr_megatron.rewards.extract import extract_answer, extract_boxed, extract_choice_letter
+from mssr_megatron.rewards.extract import extract_answer, extract_boxed, extract_choice_letter, gold_answer
 
-__all__ = ["REWARDS", "RewardFn", "math_reward", "choice_reward", "format_reward"]
+__all__ = ["REWARDS", "RewardFn", "math_reward", "math_boxed_reward", "choice_reward", "format_reward"]
 
 RewardFn = Callable[[str, str], float]
 
@@ -25,10 +25,21 @@ def math_reward(response: str, answer: str) -> float:
     """Score a response against a gold math answer: 1.0 if its final answer is equivalent, else 0.0.
 
     The final answer is taken by `extract_answer` (last box, else last answer line); equivalence is
-    `math_equal` (math-verify plus our percent/unit rules). No or malformed answer -> 0.0.
+    `math_equal` (math-verify plus our percent/unit rules) against the gold without `<answer>` tags
+    (`gold_answer`). No or malformed answer -> 0.0.
     Raises ValueError for an empty/unparseable gold answer (a data bug, reported by the batch grader).
     """
-    pred = extract_answer(response)
+    return _math_score(extract_answer(response), gold_answer(answer))
+
+
+@REWARDS.register("math_boxed")
+def math_boxed_reward(response: str, answer: str) -> float:
+    """As `math_reward`, but only the last `\\boxed{}` counts (no answer-line fallback): the released grader, which
+    grades the boxed content only. "The answer is 3" without a box -> 0.0."""
+    return _math_score(extract_boxed(response), gold_answer(answer))
+
+
+def _math_score(pred: str | None, answer: str) -> float:
     if pred is None:
         if not (answer or "").strip():  # still complain about the data even when the response is empty
             raise ValueError(f"empty gold answer {answer!r}")
@@ -44,7 +55,7 @@ def choice_reward(response: str, answer: str) -> float:
     "B", "(B)", "B)", "B.", "option B", "\\text{B}", "B: 42". Several letters or none -> 0.0.
     Raises ValueError if the gold is not a single letter A-J.
     """
-    gold = extract_choice_letter(answer)
+    gold = extract_choice_letter(gold_answer(answer))
     if gold is None:
         raise ValueError(f"choice gold answer {answer!r} is not a single letter A-J")
     return 1.0 if extract_choice_letter(extract_answer(response)) == gold else 0.0

@@ -43,16 +43,17 @@ def generate(ctx: RunContext, records, sampling: SamplingParams):
     (torch.manual_seed), so its rollouts depend on how the records are split over engines."""
     from dataclasses import replace
 
-    from mssr_megatron.data.prompts import build_request
+    from mssr_megatron.data.prompts import PromptFormat, build_request
     from mssr_megatron.rollout.placement import prompt_slices
 
     slices = prompt_slices(len(records), len(ctx.engine_slots))
+    prompt_format = PromptFormat.from_config(ctx.cfg.data)
 
     def run():
         start, end = slices[_own_slot(ctx)]
         if start == end:
             return []
-        requests = [build_request(records[i], ctx.cfg.data.prompt_template, ctx.processor, request_id=f"{i}")
+        requests = [build_request(records[i], prompt_format, ctx.processor, request_id=f"{i}")
                     for i in range(start, end)]
         seed = None if sampling.seed is None else sampling.seed + start * sampling.n
         return ctx.engine.generate(requests, replace(sampling, seed=seed))
@@ -98,12 +99,15 @@ def _own_slot(ctx: RunContext) -> int:
 
 def make_experience(ctx: RunContext, records, rollouts, rewards) -> Experience:
     """Training tensors for the step; the images go through the processor once per prompt."""
+    from mssr_megatron.data.prompts import PromptFormat
+
+    prompt_format = PromptFormat.from_config(ctx.cfg.data)
     images_cache: dict[int, tuple] = {}
     images = []
     for r in rollouts:
         index = int(r.request_id)
         if index not in images_cache:
-            images_cache[index] = _pixel_values(ctx, records[index])
+            images_cache[index] = _pixel_values(ctx, records[index], prompt_format)
         images.append(images_cache[index])
     return build_experience(
         rollouts, rewards, [records[int(r.request_id)].prompt_id for r in rollouts],
@@ -115,12 +119,14 @@ def make_experience(ctx: RunContext, records, rollouts, rewards) -> Experience:
     )
 
 
-def _pixel_values(ctx: RunContext, record):
+def _pixel_values(ctx: RunContext, record, prompt_format):
+    """The processor's pixel values of the record's images, resized to the pixel bounds as the engine got them."""
     if not record.images:
         return None
-    from mssr_megatron.data.images import decode_images
+    from mssr_megatron.data.prompts import prompt_images
 
-    out = ctx.processor.image_processor(images=decode_images(record.images), return_tensors="pt")
+    out = ctx.processor.image_processor(images=prompt_images(record, prompt_format, ctx.processor),
+                                        return_tensors="pt")
     return out["pixel_values"], out["image_grid_thw"]
 
 
