@@ -141,8 +141,10 @@ class BaselineConfig:
     """Upper bound of rho."""
     kl_target: float = 0.01
     """kl_window rule: rho rises linearly from rho_min to rho_max as the windowed KL goes from 0 to this target."""
-    kl_window: int = 20
-    """Number of recent steps whose batch KL is averaged by the kl_window rule."""
+    kl_window: int = 10
+    """Steps whose KL the kl_window rule averages (released code hard-codes 10; its config field 20 is unused)."""
+    kl_aggregation: Literal["token_mean", "seq_mean"] = "seq_mean"
+    """kl_window rule's step KL: mean of per-sequence token means of k3 clamped to +-10 (released), or token mean."""
     spo_d_half: float = 0.06
     """SPO rule: logprob drift D at which rho halves, rho = 2^(-D / spo_d_half)."""
     constant_rho: float = 0.96
@@ -206,6 +208,8 @@ class AlgorithmConfig:
     """Coefficient of the in-reward KL penalty."""
     entropy_coef: float = 0.0
     """Entropy bonus: loss -= entropy_coef * token-mean entropy (ablation; 0 = off)."""
+    entropy_loss_source: Literal["full", "sampled"] = "full"
+    """Entropy the bonus maximises, with gradient: full-vocabulary H_t, or sampled-token -p log p (released ablation)."""
     crossmodal_coef: float = 0.0
     """Cross-modal regulariser KL(pi(.|text, image) || pi(.|text only)) added with its gradient (ablation; 0 = off)."""
     rollout_correction: Literal["none", "tis"] = "none"

@@ -117,11 +117,15 @@ class ToyRun:
             loss.backward()
             self.optim.step()
             metrics.update(loss_metrics)
-        with torch.no_grad():
-            new_logp, _ = self.logprobs_entropy(self.logits, prompts, tokens)
-        metrics.update(
-            self.algo.after_update(prompts.tolist(), rewards, mask, old_logprobs=old_logp, new_logprobs=new_logp)
-        )
+        spo = {}
+        if self.algo.needs_new_logprobs:  # the spo rule: the updated policy on these and on the previous responses
+            previous = self.algo.previous_responses(prompts.tolist())
+            earlier = torch.stack([t if p is None else torch.tensor(p) for p, t in zip(previous, tokens)])
+            with torch.no_grad():
+                spo = {"new_logprobs": self.logprobs_entropy(self.logits, prompts, tokens)[0],
+                       "previous_logprobs": self.logprobs_entropy(self.logits, prompts, earlier)[0]}
+        metrics.update(self.algo.after_update(prompts.tolist(), rewards, mask, response_ids=tokens,
+                                              previous_mask=mask, **spo))
         return metrics
 
 

@@ -20,7 +20,8 @@ GROUPS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
 MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0],
                      [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
 CASES = {
-    "kl_window": AlgorithmConfig(),
+    "kl_window": AlgorithmConfig(),  # released: 10-step window, per-step KL the mean of per-sequence means
+    "kl_window_token_mean": AlgorithmConfig(baseline=BaselineConfig(kl_aggregation="token_mean")),
     "spo": AlgorithmConfig(baseline=BaselineConfig(rho_rule="spo")),
     "reinforce_pp_kl_in_reward": AlgorithmConfig(estimator="reinforce_pp", kl_in_reward=True, kl_reward_coef=0.5),
 }
@@ -39,6 +40,22 @@ def step_inputs(step: int):
     return rewards, old, ref, new
 
 
+def previous_inputs(algo, step: int):
+    """The spo rule's view after the update: each row's previous response (its own where none is kept), where its
+    tokens are [B, T], and the updated policy's log-probs on it [B, T]: the kept ones moved by a fixed random drift
+    of a few thousandths (so that rho stays between its bounds)."""
+    previous = algo.previous_responses(PROMPTS)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    g = torch.Generator().manual_seed(200 + step)
+    now = -torch.rand(B, T, generator=g) * 3
+    drift = 0.01 * torch.rand(B, T, generator=g)
+    for i, p in enumerate(previous):
+        mask[i] = MASK[i] if p is None else torch.arange(T) < len(p)
+        if p is not None:
+            now[i, :len(p)] = algo.rule.logprobs[PROMPTS[i]] + drift[i, :len(p)]
+    return mask, now
+
+
 def run_pipeline(cfg, rows=None, dp_group=None, stage_group=None, has_logprobs=True) -> dict:
     """3 steps of the pipeline as the trainer drives it, on `rows` of the fixed inputs; returns what it produced."""
     algo = RLAlgorithm(cfg, dp_group=dp_group, stage_group=stage_group)
@@ -51,7 +68,10 @@ def run_pipeline(cfg, rows=None, dp_group=None, stage_group=None, has_logprobs=T
         out = algo.advantages(PROMPTS, rewards, MASK, GROUPS, rows=rows, old_logprobs=shard[0], ref_logprobs=shard[1])
         result["advantages"].append(out.advantages)
         result["kl"].append(algo.step_kl)
-        metrics = algo.after_update(PROMPTS, rewards, MASK, rows=rows, old_logprobs=shard[0], new_logprobs=shard[2])
+        prev_mask, prev = previous_inputs(algo, step)
+        ids = torch.arange(B * T).reshape(B, T) + 1000 * step
+        metrics = algo.after_update(PROMPTS, rewards, MASK, rows=rows, response_ids=ids, new_logprobs=shard[2],
+                                    previous_logprobs=prev[local] if has_logprobs else None, previous_mask=prev_mask)
         result["rho"].append(metrics.get("tracker/rho"))
     result["state"] = algo.state_dict()
     return result

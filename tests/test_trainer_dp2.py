@@ -51,9 +51,10 @@ def _train_worker(rank: int, config_path: str, extra: list, record_dir: str) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["algorithm.baseline.rho_rule=spo"],
+@pytest.mark.parametrize("extra", [["algorithm.baseline.rho_rule=spo", "data.prompts_per_step=24"],
                                    ["algorithm.estimator=reinforce_pp", "algorithm.kl_in_reward=true"],
-                                   ["algorithm.baseline.rho_rule=spo", "parallel.pipeline_model_parallel_size=2",
+                                   ["algorithm.baseline.rho_rule=spo", "data.prompts_per_step=24",
+                                    "parallel.pipeline_model_parallel_size=2",
                                     "rollout.engines=per_dp_group"]],  # per_node would put one on stage 1
                          ids=["spo", "reinforce_pp_kl_in_reward", "spo_pp2"])
 def test_two_ranks_train(tmp_path, assets, extra):
@@ -71,6 +72,9 @@ def test_two_ranks_train(tmp_path, assets, extra):
     assert os.path.exists(tmp_path / "run" / "checkpoints" / "step_000002" / "COMPLETE")  # the state check passed
     if "algorithm.baseline.rho_rule=spo" in extra:
         assert all(0.875 <= m["tracker/rho"] <= 0.96 for m in steps)
+        # all 24 prompts every step: step 1 sees each for the first time (D = 0), step 2 scores the responses kept
+        # at step 1 with the policy after two updates
+        assert steps[0]["tracker/spo_drift_mean"] == 0.0 and steps[1]["tracker/spo_drift_mean"] > 0.0
     else:  # the policy moved away from the reference after step 1: the KL in the reward is not zero at step 2
         assert steps[0]["kl/old_ref_k3"] == 0.0 and steps[1]["kl/old_ref_k3"] > 0.0
 

@@ -160,6 +160,23 @@ def crossmodal_kl(logits_with_image: torch.Tensor, logits_text_only: torch.Tenso
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+ENTROPY_LOSS_SOURCES = ("full", "sampled")
+
+
+def entropy_loss_term(source: str, *, entropy: torch.Tensor | None, logprobs: torch.Tensor) -> torch.Tensor:
+    """The per-token entropy the entropy loss maximises, WITH its gradient. [B, T]
+
+    full: the full-vocabulary entropy H_t from the log-prob op; sampled: -p log p of the sampled token, p = exp(logp_t)
+    (the released code's entropy-loss ablation; at most 1/e per token, d/d logp = -p (1 + logp))."""
+    if source == "full":
+        if entropy is None:
+            raise ValueError("entropy_coef is set with entropy_loss_source=full but no per-token entropy was given")
+        return entropy
+    if source == "sampled":
+        return -torch.exp(logprobs) * logprobs
+    raise ValueError(f"unknown entropy loss source {source!r}; choose one of {', '.join(ENTROPY_LOSS_SOURCES)}")
+
+
 def compute_policy_loss(
     cfg,
     logprobs: torch.Tensor,
@@ -177,7 +194,7 @@ def compute_policy_loss(
 
         pg_loss + kl_loss_coef * KL(pi || ref) - entropy_coef * H + crossmodal_coef * KL(pi(.|x, img) || pi(.|x))
 
-    every term aggregated with cfg.loss_agg_mode. logprobs / entropy / crossmodal carry gradient; old_logprobs,
+    every term aggregated with cfg.loss_agg_mode (H: `entropy_loss_term`, by cfg.entropy_loss_source). logprobs / entropy / crossmodal carry gradient; old_logprobs,
     ref_logprobs, rollout_logprobs and advantages are treated as constants. All per-token inputs are [B, T].
     With cfg.rollout_correction = "tis" the per-token pg_loss is weighted by `tis_weights` (from the rollout engine's
     log-probs, `rollout_logprobs`); the KL, entropy and cross-modal terms are not. Returns (scalar, metrics).
@@ -205,9 +222,9 @@ def compute_policy_loss(
         loss = loss + cfg.kl_loss_coef * kl_loss
         metrics["actor/kl_loss"] = masked_mean(kl, mask)
     if cfg.entropy_coef != 0.0:
-        if entropy is None:
-            raise ValueError("entropy_coef is set but no per-token entropy was given")
-        loss = loss - cfg.entropy_coef * aggregate(entropy, mask, mode, normalizer)
+        bonus = entropy_loss_term(cfg.entropy_loss_source, entropy=entropy, logprobs=logprobs)
+        loss = loss - cfg.entropy_coef * aggregate(bonus, mask, mode, normalizer)
+        metrics["actor/entropy_loss_term"] = masked_mean(bonus, mask)
     if entropy is not None:
         metrics["actor/entropy"] = masked_mean(entropy, mask)
     if cfg.crossmodal_coef != 0.0:

@@ -5,7 +5,7 @@ The trainer calls, in order, on every rank:
     out = algo.advantages(prompt_ids, rewards, mask, group_index, rows=rows, old_logprobs=old, ref_logprobs=ref)
     adv = algo.shape(out.advantages, mask[rows], entropy=..., logprobs=old)   # per token, detached
     loss, metrics = algo.loss(logprobs, old_logprobs, adv, mask, ...)        # per micro-batch
-    algo.after_update(prompt_ids, rewards, mask, rows=rows, old_logprobs=old, new_logprobs=new)
+    algo.after_update(prompt_ids, rewards, mask, rows=rows, ...)   # spo: + the policy's log-probs after the update
 Estimators that use no tracker (grpo, rloo, ...) skip the tracker calls silently, so the loop never branches on them.
 
 Data parallelism. prompt_ids, rewards, mask [B, T] and group_index describe the WHOLE step and are the same on every
@@ -16,10 +16,12 @@ reduction of it happens in this module, through `_global_rows`: each replica com
 an all_gather puts them in global row order, and every rank reduces the same tensor in the same order. So the result
 is bit-identical on every rank and equal to one process given the same per-row values (an all-reduce of partial sums
 would round differently from one process's sum: it depends on the split). What is gathered, per step:
-  - the k3 KL(old || ref) sum and token count of each row: the step's token-mean KL (kl_window rule, kl/old_ref_k3);
+  - each row's k3 KL(old || ref) sum, clamped sum and token count (forgetting.kl_row_sums): the step's KL, as the
+    token mean (kl/old_ref_k3) and the mean of per-sequence means (kl/old_ref_k3_seq_mean); the kl_window rule reads
+    the one algorithm.baseline.kl_aggregation names;
   - with algorithm.kl_in_reward, each row's per-token k3 [rows, T] -> [B, T] (REINFORCE++'s token rewards; the
     estimator's cumulative sums and normalisation then run on the whole batch, exactly as in one process);
-  - after the update, each row's spo_distance (spo rule).
+  - after the update (spo rule), each row's drift D and its log-probs [rows, T] -> [B, T], kept per prompt.
 Pipeline stages other than the last have no log-probs: they get no advantages (the loss runs on the last stage) and
 receive the forgetting rule's inputs from the last stage over `stage_group`, so their tracker stays the same too.
 """
@@ -39,7 +41,7 @@ from mssr_megatron.algorithms.distributed import (
     is_last_rank,
     state_digest,
 )
-from mssr_megatron.algorithms.forgetting import SPORho, build_forgetting_rule, spo_distance
+from mssr_megatron.algorithms.forgetting import SPORho, build_forgetting_rule, kl_row_sums, step_kl
 from mssr_megatron.algorithms.losses import compute_policy_loss, kl_penalty
 from mssr_megatron.algorithms.shaping import shape_advantages, shaping_entropy
 
@@ -64,13 +66,13 @@ class RLAlgorithm:
             self.rule = build_forgetting_rule(cfg.baseline)
         self.last_rho: float | torch.Tensor | None = None
         self.step_kl: float | None = None
-        """The step's global token-mean k3 KL(old || ref), measured by advantages() (last stage), read by
-        after_update()."""
+        """The step's global k3 KL(old || ref) as algorithm.baseline.kl_aggregation reads it, measured by advantages()
+        (last stage), read by after_update()."""
 
     @property
     def needs_new_logprobs(self) -> bool:
-        """Whether after_update needs the policy's log-probs after the update (the spo rule); every pipeline stage
-        must then run that forward pass."""
+        """Whether after_update needs the policy's log-probs after the update, on this step's responses and on each
+        prompt's previous response (the spo rule); every pipeline stage must then run those forward passes."""
         return isinstance(self.rule, SPORho)
 
     def initialize(self, prompt_ids: Sequence[Hashable], rewards: torch.Tensor) -> None:
@@ -105,10 +107,10 @@ class RLAlgorithm:
         if old_logprobs is not None and ref_logprobs is not None:
             local_mask = mask[rows]
             k3 = kl_penalty(old_logprobs.detach(), ref_logprobs.detach(), "k3") * local_mask  # log-probs' dtype
-            per_row = self._global_rows(torch.stack([k3.to(torch.float64).sum(-1),
-                                                     local_mask.to(torch.float64).sum(-1)], -1))  # [B, 2]
-            self.step_kl = float(per_row[:, 0].sum() / per_row[:, 1].sum().clamp(min=1.0))
-            metrics["kl/old_ref_k3"] = self.step_kl
+            per_row = self._global_rows(kl_row_sums(k3, local_mask))  # [B, 3]
+            metrics["kl/old_ref_k3"] = step_kl(per_row, "token_mean")
+            metrics["kl/old_ref_k3_seq_mean"] = step_kl(per_row, "seq_mean")
+            self.step_kl = step_kl(per_row, self.cfg.baseline.kl_aggregation)
             if self.cfg.kl_in_reward:
                 token_kl = self._global_rows(k3)
         baseline = self.tracker.baseline(prompt_ids) if self.tracker is not None else None
@@ -145,26 +147,47 @@ class RLAlgorithm:
         mask: torch.Tensor,
         *,
         rows: torch.Tensor | None = None,
-        old_logprobs: torch.Tensor | None = None,
+        response_ids: torch.Tensor | None = None,
         new_logprobs: torch.Tensor | None = None,
+        previous_logprobs: torch.Tensor | None = None,
+        previous_mask: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Pick rho with the forgetting rule from global statistics and fold this step's rewards into the tracker,
-        identically on every rank. mask [B, T]: the whole step's; old/new log-probs [len(rows), T] (spo rule)."""
+        identically on every rank. mask [B, T]: the whole step's. The spo rule (needs_new_logprobs) also needs, after
+        the update: response_ids [B, T] (the step's tokens, aligned with mask: Experience.input_ids[:, 1:]),
+        new_logprobs [len(rows), T] (the policy on this step's responses), previous_logprobs [len(rows), T'] and
+        previous_mask [B, T'] (the policy on, and the tokens of, the rows of `previous_responses`)."""
         if self.tracker is None:
             return {}
-        inputs = None
+        inputs, metrics = None, {}
         if is_last_rank(self.stage_group):
             inputs = {"kl": self.step_kl}
             if self.needs_new_logprobs:
-                if old_logprobs is None or new_logprobs is None:
-                    raise ValueError("the spo forgetting rule needs old_logprobs and new_logprobs (after the update)")
+                if new_logprobs is None or previous_logprobs is None or previous_mask is None or response_ids is None:
+                    raise ValueError("the spo forgetting rule needs response_ids, new_logprobs, previous_logprobs and "
+                                     "previous_mask (the policy after the update on this step's and on the stored "
+                                     "responses)")
                 rows = self._check_rows(rows, len(rewards))
-                inputs["distance"] = self._global_rows(spo_distance(old_logprobs, new_logprobs, mask[rows]))
+                local_ids = [prompt_ids[int(r)] for r in rows]
+                inputs["distance"] = self._global_rows(self.rule.drift(local_ids, previous_logprobs,
+                                                                       previous_mask[rows]))
+                inputs["remember"] = self._global_rows(new_logprobs.to(torch.float32))
         inputs = from_last_rank(inputs, self.stage_group)
+        if self.needs_new_logprobs:  # D was measured against the previous visits: only now keep this step's
+            self.rule.remember(prompt_ids, response_ids, mask, inputs.pop("remember"))
+            metrics["tracker/spo_drift_mean"] = float(inputs["distance"].mean())
         rho = self.rule.step_rho(**inputs)
         self.tracker.update(prompt_ids, self._tracker_rewards(rewards), rho)
         self.last_rho = rho
-        return {"tracker/rho": float(torch.as_tensor(rho, dtype=torch.float64).mean())}
+        metrics["tracker/rho"] = float(torch.as_tensor(rho, dtype=torch.float64).mean())
+        return metrics
+
+    def previous_responses(self, prompt_ids: Sequence[Hashable]) -> list:
+        """Per rollout, its prompt's response kept at the previous visit (token ids), None for a first visit or a
+        rule that keeps none; the trainer scores these after the update for the spo rule (previous_logprobs)."""
+        if not self.needs_new_logprobs:
+            return [None] * len(prompt_ids)
+        return self.rule.previous_responses(prompt_ids)
 
     def _tracker_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
         """What the tracker learns from: with baseline.binarize_rewards, success (reward > 0.5) as 0/1, so that a

@@ -14,7 +14,7 @@ for the rollouts, the engines wait for the update and the weight sync); each tak
                    rough term, not a bound: every engine has one response that runs to the cap and is among the
                    last to start. The same for every placement: more engines shrink the bulk, never the tail
   log-prob passes  passes x forward FLOPs of the step's sequences / (training GPUs x achieved FLOP/s per GPU):
-                   the old policy, the reference when a KL term needs it, the SPO rule's post-update pass
+                   the old policy, the reference when a KL term needs it, the SPO rule's two post-update passes
   update           ppo_epochs x training FLOPs (forward + backward) / (training GPUs x achieved FLOP/s per GPU)
   weight sync      the engine's bf16 weights / GB/s: CUDA IPC on the same GPU when colocated, NCCL otherwise;
                    every engine receives its copy at the same time, so one copy's time for any engine count
@@ -184,8 +184,8 @@ def step_time(cfg, config: dict, inputs: StepTimeInputs) -> StepTimeModel:
     if a.baseline.rho_rule == "spo":
         from mssr_megatron.algorithms import ESTIMATORS
 
-        if ESTIMATORS.get(a.estimator).uses_tracker:  # the rule's drift needs the policy after the update
-            passes.append("SPO post-update")
+        if ESTIMATORS.get(a.estimator).uses_tracker:  # the rule scores, after the update, this step's responses
+            passes += ["SPO post-update", "SPO previous responses"]  # and each prompt's kept one (forgetting.SPORho)
 
     flop_rate, rate_row = _training_rate(cfg, inputs, train / seq)
     gen_rate, gen_source = _value(inputs, "gen_tokens_per_gpu", "--gen-tokens-per-gpu")

@@ -119,6 +119,29 @@ def make_experience(ctx: RunContext, records, rollouts, rewards) -> Experience:
     )
 
 
+def with_responses(ctx: RunContext, exp: Experience, responses: list) -> Experience:
+    """The step's prompts (and images) with other responses: row i gets responses[i] (token ids), or keeps its own
+    where that is None. The spo rule scores each prompt's response of its previous visit this way."""
+    from types import SimpleNamespace
+
+    rollouts = []
+    for i, other in enumerate(responses):
+        own = int(exp.response_mask[i].sum())
+        prompt_len = int(exp.lengths[i]) - own if exp.lengths is not None else exp.input_ids.shape[1] - own
+        response = exp.input_ids[i, prompt_len:prompt_len + own].tolist() if other is None else list(other)
+        rollouts.append(SimpleNamespace(prompt_ids=exp.input_ids[i, :prompt_len].tolist(), response_ids=response,
+                                        response_logprobs=[0.0] * len(response)))
+    images = [None if pixels is None else (pixels, grid) for pixels, grid in
+              zip(exp.pixel_values or [None] * len(exp), exp.image_grid_thw or [None] * len(exp))]
+    return build_experience(
+        rollouts, exp.rewards, exp.prompt_keys, exp.group_index, images,
+        image_token_id=ctx.hf_config.image_token_id,
+        spatial_merge_size=ctx.hf_config.vision_config.spatial_merge_size,
+        pad_id=ctx.processor.tokenizer.pad_token_id,
+        pad_to_multiple=sequence_multiple(ctx.cfg.model, ctx.cfg.parallel),
+    )
+
+
 def _pixel_values(ctx: RunContext, record, prompt_format):
     """The processor's pixel values of the record's images, resized to the pixel bounds as the engine got them."""
     if not record.images:

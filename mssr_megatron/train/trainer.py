@@ -165,18 +165,23 @@ def _train_on(ctx: RunContext, exp, rows, timer: StepTimer) -> dict[str, float]:
         metrics.update(rl_step.mismatch_metrics(old, exp.rollout_logprobs[rows], mask))
     with timer("update"):
         metrics.update(rl_step.update_policy(ctx, exp, rows, advantages, old, ref))
-    metrics.update(after_update(ctx, exp, rows, old))
+    metrics.update(after_update(ctx, exp, rows))
     return metrics
 
 
-def after_update(ctx: RunContext, exp, rows, old) -> dict[str, float]:
+def after_update(ctx: RunContext, exp, rows) -> dict[str, float]:
     """Fold the step's rewards into the tracker with the forgetting rule's rho (the pipeline keeps it the same on
-    every rank). The spo rule reads the policy after the update: every pipeline stage runs that forward pass."""
-    new = None
-    if ctx.algo.needs_new_logprobs:
-        new, _ = rl_step.token_logprobs(ctx, ctx.actor, exp, rows, ctx.cfg.rollout.temperature)
-    return ctx.algo.after_update(exp.prompt_keys, exp.rewards, exp.response_mask, rows=rows, old_logprobs=old,
-                                 new_logprobs=new)
+    every rank). The spo rule reads the policy after the update on this step's responses and on each prompt's
+    response of its previous visit: every pipeline stage runs those two forward passes."""
+    if not ctx.algo.needs_new_logprobs:
+        return ctx.algo.after_update(exp.prompt_keys, exp.rewards, exp.response_mask, rows=rows)
+    temperature = ctx.cfg.rollout.temperature
+    new, _ = rl_step.token_logprobs(ctx, ctx.actor, exp, rows, temperature)
+    earlier = rl_step.with_responses(ctx, exp, ctx.algo.previous_responses(exp.prompt_keys))
+    previous, _ = rl_step.token_logprobs(ctx, ctx.actor, earlier, rows, temperature)
+    return ctx.algo.after_update(exp.prompt_keys, exp.rewards, exp.response_mask, rows=rows,
+                                 response_ids=exp.input_ids[:, 1:], new_logprobs=new, previous_logprobs=previous,
+                                 previous_mask=earlier.response_mask)
 
 
 def check_logprob_mismatch(ctx: RunContext, metrics: dict[str, float]) -> None:
