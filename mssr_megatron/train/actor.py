@@ -182,7 +182,8 @@ class MegatronActor:
 
         def stage_loss(output, batch):
             if PAIRED_KEY in batch:  # rows + their text-only copies (crossmodal.py): the KL joins the batch
-                output, batch = split_paired_output(output, batch, self.vocab_size, temperature, masked_token_ids)
+                output, batch = split_paired_output(output, batch, self.vocab_size, temperature, masked_token_ids,
+                                                    self.logprob_chunk_tokens)
             logprobs, entropy = shifted_logprobs(output, batch["input_ids"], self.vocab_size, temperature,
                                                  masked_token_ids, self.logprob_chunk_tokens)
             loss, metrics = loss_fn(logprobs, entropy, batch)

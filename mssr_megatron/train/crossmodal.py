@@ -73,12 +73,13 @@ def paired_microbatches(batches: list[dict], exp, hf_config, pad_id: int) -> lis
 
 
 def split_paired_output(output: torch.Tensor, batch: dict, vocab_size: int, temperature: float = 1.0,
-                        masked_token_ids=None) -> tuple[torch.Tensor, dict]:
+                        masked_token_ids=None, chunk_size: int | None = None) -> tuple[torch.Tensor, dict]:
     """Logits [2B, W, V/TP] of a paired micro-batch -> (the normal rows' logits [B, W, V/TP], the batch with the
     normal rows' input_ids and KL_KEY: KL(pi(.|x, img) || pi(.|x)) [B, W-1] at each response column, 0 elsewhere).
 
     The KL is over the full vocabulary at the rollout temperature, blocked tokens (masked_token_ids) and TP padding
-    left out, as in the policy's log-probs (vocab_parallel_kl; vocabulary-parallel under TP)."""
+    left out, as in the policy's log-probs (vocab_parallel_kl; vocabulary-parallel under TP); chunk_size: its rows
+    per chunk (model.logprob_chunk_tokens, as for the log-probs)."""
     from megatron.core import parallel_state as ps
 
     from mssr_megatron.ops.vocab_parallel_kl import vocab_parallel_kl
@@ -91,7 +92,7 @@ def split_paired_output(output: torch.Tensor, batch: dict, vocab_size: int, temp
     shifted = column - pair["removed"].to(output.device)[row]
     group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
     kl = vocab_parallel_kl(with_image[row, column], text_only[row, shifted], tp_group=group, temperature=temperature,
-                           vocab_size=vocab_size, masked_token_ids=masked_token_ids)
+                           vocab_size=vocab_size, masked_token_ids=masked_token_ids, chunk_size=chunk_size)
     per_token = torch.zeros(mask.shape, dtype=kl.dtype, device=kl.device).index_put((row, column), kl)
     rest = {k: v for k, v in batch.items() if k != PAIRED_KEY}
     return with_image, {**rest, "input_ids": batch["input_ids"][:size], KL_KEY: per_token}
