@@ -123,7 +123,8 @@ def _hf_reference(tied: bool = False):
         ids = inputs["input_ids"][b, :n].tolist()
         text = [t for t in ids if t not in vision]
         text_logits = hf(input_ids=torch.tensor([text]), attention_mask=torch.ones(1, len(text))).logits[0]
-        # response token j (ids[n - RESPONSE + j]) is predicted at n - RESPONSE - 1 + j, in the text copy len(text) - ...
+        # response token j (ids[n - RESPONSE + j]) is predicted at column n - RESPONSE - 1 + j; the copy's columns
+        # are shifted by the image block's length, so its response is predicted by its last RESPONSE + 1 columns but 1
         kls.append(_unfused_kl(with_image[b, n - RESPONSE - 1: n - 1], text_logits[len(text) - RESPONSE - 1: -1], 1.0))
     kl = torch.cat(kls).mean()
     kl.backward()

@@ -173,8 +173,9 @@ class MegatronActor:
         data-parallel ranks are undone here, so gradients are those of the mini-batch loss. It runs on the last
         stage with logprobs/entropy on `self.device` and the micro-batch whose model inputs were moved there (its
         other entries, e.g. `rows`, as given). A paired micro-batch (crossmodal.paired_microbatches: rows with their
-        text-only copies) reaches loss_fn as its normal rows, with the per-token cross-modal KL under KL_KEY. Raises NonFiniteError when the updated weights hold a NaN/Inf (on
-        every rank: finite_check), before anything could save or export them.
+        text-only copies) reaches loss_fn as its normal rows, with the per-token cross-modal KL under KL_KEY.
+        Raises NonFiniteError when the updated weights hold a NaN/Inf (on every rank: finite_check), before anything
+        could save or export them.
         """
         from megatron.core import parallel_state as ps
 
