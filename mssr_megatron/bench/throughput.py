@@ -183,7 +183,8 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
             "megatron_tokens_per_s": m["tokens_per_s"],
             "hf_tokens_per_s": h["tokens_per_s"],
             "what": f"{cfg.optimizer_steps_per_step} optimizer step(s) of fwd+bwd+clip+Adam over the same "
-                    f"micro-batches of {cfg.parallel.micro_batch_size}"}
+                    f"micro-batches of {cfg.parallel.micro_batch_size}"
+                    + (", both without the cross-modal regulariser" if "update_no_crossmodal" in phases else "")}
     else:
         result["hf_compare_skipped"] = skip
     return result
