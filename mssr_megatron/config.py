@@ -211,7 +211,7 @@ class AlgorithmConfig:
     entropy_loss_source: Literal["full", "sampled"] = "full"
     """Entropy the bonus maximises, with gradient: full-vocabulary H_t, or sampled-token -p log p (released ablation)."""
     crossmodal_coef: float = 0.0
-    """Cross-modal regulariser KL(pi(.|text, image) || pi(.|text only)) added with its gradient (ablation; 0 = off)."""
+    """KL(pi(.|text, image) || pi(.|text only)) with gradient through both passes (train/crossmodal.py); 0 = off."""
     rollout_correction: Literal["none", "tis"] = "none"
     """Engine/trainer mismatch correction of the policy loss: 'tis' = truncated importance sampling; 'none' = off."""
     tis_cap: float = 2.0

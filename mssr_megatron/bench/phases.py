@@ -205,18 +205,37 @@ def bench_update(ctx, rec: StepRecord, *, warmup: int, repeats: int, device, hf_
         return out
 
     fns = {"update": megatron}
+    crossmodal = ctx.cfg.algorithm.crossmodal_coef != 0.0
+    if crossmodal:  # the same update without the regulariser, interleaved with it: its cost in this run
+        fns["update_no_crossmodal"] = lambda: without_crossmodal(ctx, megatron)
     if hf_baseline:
         from mssr_megatron.bench.hf_baseline import HFBaseline
 
         _, exp, rows, advantages, old, ref = args
         lengths = torch.tensor(rollout_shapes(rec.first("generate")[2])["lengths"])
         baseline = HFBaseline(ctx.cfg.model.hf_path, ctx, device)
-        fns["hf_update"] = lambda: baseline.update(ctx, exp, rows, lengths, advantages, old, ref)
+        # the plain-HF update has no text-only pass: it is compared with the update without the regulariser
+        fns["hf_update"] = lambda: without_crossmodal(
+            ctx, lambda: baseline.update(ctx, exp, rows, lengths, advantages, old, ref))
     results = measure_interleaved(fns, warmup=warmup, repeats=repeats, device=device)
     for result in results.values():
         result.update(update_flops(ctx, rec))
     results["update"]["skipped_updates"] = len(skipped)
+    if crossmodal:
+        results["update"]["crossmodal_coef"] = ctx.cfg.algorithm.crossmodal_coef
+        results["update"]["flops_note"] = ("tokens and FLOPs count each row once: the text-only copies of the "
+                                           "cross-modal regulariser are extra work, not counted")
     return results
+
+
+def without_crossmodal(ctx, fn):
+    """fn() with algorithm.crossmodal_coef set to 0 (the update's pairing and loss both read it), then restored."""
+    cfg = ctx.cfg.algorithm
+    coef, cfg.crossmodal_coef = cfg.crossmodal_coef, 0.0
+    try:
+        return fn()
+    finally:
+        cfg.crossmodal_coef = coef
 
 
 def bench_weight_sync(ctx, *, warmup: int, repeats: int, device) -> dict:

@@ -20,6 +20,7 @@ PHASE_LABELS = {
     "generation": "rollout generation (engine.generate)",
     "logprobs": "log-prob recompute (old-policy fwd)",
     "update": "training update (Megatron)",
+    "update_no_crossmodal": "training update without cross-modal KL",
     "hf_update": "training update (plain HF, same data)",
     "weight_sync": "weight sync (actor -> engine)",
 }
@@ -92,6 +93,10 @@ def format_table(result: dict) -> str:
             label = f"  step: {name}" + (f" ({b['logprob_forwards']} fwd)" if name == "logprobs" else "")
             lines.append(f"{label:<40}{tokens:>9}{_timing(p):>28}{rate:>13}{tf:>11}{mfu_text:>8}"
                          f"{'':>11}  {share}")
+    xm = result.get("crossmodal_cost")
+    if xm:
+        lines.append(f"cross-modal regulariser (coef {xm['coef']:g}): update time {xm['time_ratio']:.2f}x of the same "
+                     f"update without it ({xm['time_ratio_paired_median']:.2f}x median of the interleaved pairs)")
     hf = result.get("hf_compare")
     if hf:
         lines.append(f"Megatron / HF update time: {hf['time_ratio']:.2f}x of the medians, "

@@ -10,6 +10,8 @@ What it does, with the run's own objects (`run_context.build_context`, exactly a
     same calls the trainer makes: rollout generation (rl_step.generate -> engine.generate, same prompts, sampling and
     seed), the old-policy log-prob forward (rl_step.token_logprobs -> actor.token_logprobs), the policy update
     (rl_step.update_policy -> actor.train_step per mini-batch), the weight sync (sync_weights, bytes and GB/s);
+ 3b. with algorithm.crossmodal_coef > 0, the same update with the regulariser off as well, interleaved with it
+    (`update_no_crossmodal`): `crossmodal_cost` is the time ratio with / without, measured in the same run;
  4. single process at TP = PP = 1 (the tiny CPU default): the same update with plain transformers + torch AdamW
     (bench/hf_baseline.py) on the same micro-batches, timed interleaved with Megatron's (M H M H ...), and the
     Megatron / HF time ratio;
@@ -146,7 +148,7 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
 
     engine_devices = 1 if cfg.rollout.engine == "hf" else cfg.rollout.engine_tp_size
     add_rates(phases["generation"], peak["per_device_flops_per_s"] * engine_devices)
-    for key in ("logprobs", "update", "hf_update"):
+    for key in ("logprobs", "update", "update_no_crossmodal", "hf_update"):
         if key in phases:
             add_rates(phases[key], peak["flops_per_s"])
     exp = last.first("make_experience")[2]
@@ -166,15 +168,23 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
                    "max_rss_kind": "process max RSS (resource.getrusage ru_maxrss) over the whole run"},
         "params_rank0": n_params,
     }
-    if "hf_update" in phases:
-        m, h = phases["update"], phases["hf_update"]
+    if "update_no_crossmodal" in phases:
+        w, wo = phases["update"], phases["update_no_crossmodal"]
+        result["crossmodal_cost"] = {
+            "coef": cfg.algorithm.crossmodal_coef, "time_ratio": w["median_s"] / wo["median_s"],
+            "time_ratio_paired_median": statistics.median(a / b for a, b in zip(w["seconds"], wo["seconds"])),
+            "what": "the update with the cross-modal regulariser (text-only copies of the rows, KL with gradient) "
+                    "over the same update without it, timed interleaved"}
+    if "hf_update" in phases:  # the HF update has no cross-modal term: compared with the update without it
+        m, h = phases.get("update_no_crossmodal", phases["update"]), phases["hf_update"]
         result["hf_compare"] = {
             "time_ratio": m["median_s"] / h["median_s"],
             "time_ratio_paired_median": statistics.median(a / b for a, b in zip(m["seconds"], h["seconds"])),
             "megatron_tokens_per_s": m["tokens_per_s"],
             "hf_tokens_per_s": h["tokens_per_s"],
             "what": f"{cfg.optimizer_steps_per_step} optimizer step(s) of fwd+bwd+clip+Adam over the same "
-                    f"micro-batches of {cfg.parallel.micro_batch_size}"}
+                    f"micro-batches of {cfg.parallel.micro_batch_size}"
+                    + (", both without the cross-modal regulariser" if "update_no_crossmodal" in phases else "")}
     else:
         result["hf_compare_skipped"] = skip
     return result

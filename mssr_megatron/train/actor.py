@@ -28,6 +28,7 @@ from mssr_megatron.checkpoint.mapping import ModelDims
 from mssr_megatron.models.provider import build_model, module_device, run_microbatches
 from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
 from mssr_megatron.ops import vocab_parallel_logprobs_entropy
+from mssr_megatron.train.crossmodal import PAIRED_KEY, split_paired_output
 from mssr_megatron.train.finite_check import NonFiniteError, nonfinite_weight
 
 _LR_STYLES = {"constant": "constant", "cosine": "cosine", "linear": "linear"}
@@ -171,14 +172,19 @@ class MegatronActor:
         sequence) count of the WHOLE mini-batch; the schedule's averaging over micro-batches and DDP's over
         data-parallel ranks are undone here, so gradients are those of the mini-batch loss. It runs on the last
         stage with logprobs/entropy on `self.device` and the micro-batch whose model inputs were moved there (its
-        other entries, e.g. `rows`, as given). Raises NonFiniteError when the updated weights hold a NaN/Inf (on
-        every rank: finite_check), before anything could save or export them.
+        other entries, e.g. `rows`, as given). A paired micro-batch (crossmodal.paired_microbatches: rows with their
+        text-only copies) reaches loss_fn as its normal rows, with the per-token cross-modal KL under KL_KEY.
+        Raises NonFiniteError when the updated weights hold a NaN/Inf (on every rank: finite_check), before anything
+        could save or export them.
         """
         from megatron.core import parallel_state as ps
 
         scale = len(batches) * ps.get_data_parallel_world_size()
 
         def stage_loss(output, batch):
+            if PAIRED_KEY in batch:  # rows + their text-only copies (crossmodal.py): the KL joins the batch
+                output, batch = split_paired_output(output, batch, self.vocab_size, temperature, masked_token_ids,
+                                                    self.logprob_chunk_tokens)
             logprobs, entropy = shifted_logprobs(output, batch["input_ids"], self.vocab_size, temperature,
                                                  masked_token_ids, self.logprob_chunk_tokens)
             loss, metrics = loss_fn(logprobs, entropy, batch)

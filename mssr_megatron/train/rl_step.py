@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mssr_megatron.train import crossmodal
 from mssr_megatron.train.experience import Experience, build_experience, sequence_multiple
 from mssr_megatron.rollout.logprob_agreement import logprob_mismatch
 from mssr_megatron.rollout.protocol import SamplingParams
@@ -217,9 +218,12 @@ def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logpro
                 return ctx.algo.loss(logprobs, old_logprobs[local, :width], advantages[local, :width],
                                      token_mask[local, :width], ref_logprobs=ref,
                                      rollout_logprobs=rollout_logprobs[local, :width], entropy=entropy,
-                                     normalizer=normalizer)
+                                     crossmodal=batch.get(crossmodal.KL_KEY), normalizer=normalizer)
 
             batches = microbatches(ctx, exp, rows[part])
+            if cfg.algorithm.crossmodal_coef != 0.0:  # each row's text-only copy runs beside it (crossmodal.py)
+                batches = crossmodal.paired_microbatches(batches, exp, ctx.hf_config,
+                                                         ctx.processor.tokenizer.pad_token_id)
             metrics.append(ctx.actor.train_step(batches, loss_fn, temperature, masked_token_ids=ctx.blocked_ids))
     keys = set().union(*metrics) if metrics else set()
     return {k: sum(m.get(k, 0.0) for m in metrics) / len(metrics) for k in keys}
