@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
-from PIL import Image
 
 from mssr_megatron.config import DEFAULT_PROMPT_TEMPLATE, DataConfig
 from mssr_megatron.data.prompts import (
     build_request, count_prompt_tokens, fill_template, filter_long_prompts, load_split, prompt_messages, prompt_text,
 )
-from mssr_megatron.data.records import Record, RecordSet
+from mssr_megatron.data.records import RecordSet
 from mssr_megatron.data.synthetic import generate_dataset
-from mssr_megatron.models.processor import load_processor
-from mssr_megatron.models.tiny_hf import build_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return load_processor(build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0))
-
-
-def png(size) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (10, 200, 30)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def record(sizes, problem="How many shapes?", pid="r") -> Record:
-    return Record(prompt_id=pid, problem=problem, answer="3", images=[png(s) for s in sizes], sizes=list(sizes))
+from prompt_assets import processor, record  # noqa: F401 (processor: a pytest fixture)
 
 
 def test_fill_template_is_plain_replacement():

@@ -4,7 +4,6 @@ gold answers in <answer> tags, and binarised tracker rewards."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from pathlib import Path
 
@@ -19,30 +18,13 @@ from mssr_megatron.data.images import bounded_size, resize_to_bounds
 from mssr_megatron.data.prompts import (
     PromptFormat, build_request, count_prompt_tokens, load_split, prompt_images, prompt_text,
 )
-from mssr_megatron.data.records import Record
 from mssr_megatron.data.synthetic import generate_dataset
-from mssr_megatron.models.processor import load_processor
-from mssr_megatron.models.tiny_hf import build_tiny_model_dir
 from mssr_megatron.rewards import choice_reward, format_reward, math_reward
 from mssr_megatron.rewards.functions import math_boxed_reward
+from prompt_assets import processor, record  # noqa: F401 (processor: a pytest fixture)
 
 RELEASED_MIN, RELEASED_MAX, QWEN_FACTOR = 262144, 4194304, 28  # data.min_pixels/max_pixels; 14 px patch x merge 2
 TEMPLATE = Path(__file__).resolve().parents[1] / "examples" / "prompts" / "released_math.jinja"
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return load_processor(build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0))
-
-
-def png(size) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (10, 200, 30)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def record(sizes, problem="How many shapes?") -> Record:
-    return Record(prompt_id="r", problem=problem, answer="3", images=[png(s) for s in sizes], sizes=list(sizes))
 
 
 # --- image bounds -----------------------------------------------------------------------------------------------
