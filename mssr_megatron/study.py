@@ -4,8 +4,9 @@
                        [--reference grpo] [--study-out runs/study] [--docs docs/efficiency_study.md]
 
 Each (config, seed) pair is one ordinary `mssr train` run in its own process (trainer, data-order and rollout seeds all
-set to the seed), written to <out>/<estimator>/seed_<s>; finished runs (a summary.json) are reused, so an interrupted
-study continues where it stopped. The report then reads every run's metrics.jsonl:
+set to the seed), written to <out>/<label>/seed_<s>. A config's label is its logging.run_name, else its estimator, so
+two variants of one estimator (MSSR with full or sampled shaping entropy) are two rows. Finished runs (a summary.json)
+are reused, so an interrupted study continues where it stopped. The report then reads every run's metrics.jsonl:
 
 - target accuracy: the reference estimator's final validation accuracy: its seed-mean validation curve averaged over
   the last --final-window validation points (3: one point is too noisy);
@@ -38,14 +39,26 @@ VAL_KEY = "val/accuracy"
 ENTROPY_KEY = "actor/entropy"
 
 
-def _estimator(config: str) -> str:
+def run_label(config: str) -> str:
+    """The study's name for a config's runs: its logging.run_name, else its estimator."""
     from mssr_megatron.config import load_config
 
-    return load_config(config, []).algorithm.estimator
+    cfg = load_config(config, [])
+    return cfg.logging.run_name or cfg.algorithm.estimator
 
 
-def run_dir(out: str, estimator: str, seed: int) -> str:
-    return os.path.join(out, estimator, f"seed_{seed}")
+def _labels(configs: list[str]) -> list[str]:
+    labels = [run_label(config) for config in configs]
+    for label in set(labels):
+        if labels.count(label) > 1:
+            same = [c for c, name in zip(configs, labels) if name == label]
+            raise ValueError(f"the study's configs {same} share the label {label!r}: give each a distinct "
+                             "logging.run_name")
+    return labels
+
+
+def run_dir(out: str, label: str, seed: int) -> str:
+    return os.path.join(out, label, f"seed_{seed}")
 
 
 def train_command(config: str, seed: int, directory: str, steps: int, val_every: int) -> list[str]:
@@ -58,24 +71,24 @@ def train_command(config: str, seed: int, directory: str, steps: int, val_every:
 
 
 def run_all(configs: list[str], seeds: list[int], out: str, steps: int, val_every: int) -> dict[str, list[str]]:
-    """Train every (config, seed) not finished yet; returns {estimator: [run dirs]} in config order."""
-    estimators = [_estimator(config) for config in configs]
-    runs: dict[str, list[str]] = {name: [run_dir(out, name, seed) for seed in seeds] for name in estimators}
-    for seed in seeds:  # seed by seed: an interrupted study still has every estimator at the seeds it finished
-        for config, estimator in zip(configs, estimators):
-            directory = run_dir(out, estimator, seed)
+    """Train every (config, seed) not finished yet; returns {label: [run dirs]} in config order."""
+    labels = _labels(configs)
+    runs: dict[str, list[str]] = {name: [run_dir(out, name, seed) for seed in seeds] for name in labels}
+    for seed in seeds:  # seed by seed: an interrupted study still has every run label at the seeds it finished
+        for config, label in zip(configs, labels):
+            directory = run_dir(out, label, seed)
             if os.path.isfile(os.path.join(directory, SUMMARY_FILE)):
-                print(f"[study] {estimator} seed {seed}: done already ({directory})", flush=True)
+                print(f"[study] {label} seed {seed}: done already ({directory})", flush=True)
                 continue
             cmd = train_command(config, seed, directory, steps, val_every)
-            print(f"[study] {estimator} seed {seed}: {shlex.join(cmd[1:])}", flush=True)
+            print(f"[study] {label} seed {seed}: {shlex.join(cmd[1:])}", flush=True)
             start = time.time()
             os.makedirs(directory, exist_ok=True)
             with open(os.path.join(directory, "train.log"), "w") as log:
                 rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
             if rc != 0:
                 raise RuntimeError(f"study run {directory} failed (exit {rc}); see {directory}/train.log")
-            print(f"[study] {estimator} seed {seed}: {time.time() - start:.0f} s", flush=True)
+            print(f"[study] {label} seed {seed}: {time.time() - start:.0f} s", flush=True)
     return runs
 
 
@@ -158,7 +171,7 @@ def _target_cell(t: dict) -> str:
 
 def format_table(summary: dict) -> str:
     labels = list(summary["targets"])
-    head = ("| estimator | seeds | val acc start | final val acc: mean [min, max] | "
+    head = ("| run | seeds | val acc start | final val acc: mean [min, max] | "
             + " | ".join(f"steps to {label}" for label in labels) + " | entropy first 10 -> last 10 steps |")
     lines = [head, "|" + "---|" * (5 + len(labels))]
     for name, r in summary["rows"].items():
@@ -190,12 +203,12 @@ def plot_study(runs: dict[str, list[str]], fig_dir: str) -> list[str]:
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
-                        help="one config per estimator, all at the same rollouts per step (default: tiny CPU "
-                             "MSSR, MVSR, GRPO)")
+                        help="configs to compare, all at the same rollouts per step; each one row, named by its "
+                             "logging.run_name or else its estimator (default: tiny CPU MSSR, MVSR, GRPO)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
     parser.add_argument("--steps", type=int, default=100, help="RL steps per run (default 100)")
     parser.add_argument("--val-every", type=int, default=10, help="validation every N steps (default 10)")
-    parser.add_argument("--reference", default="grpo", help="estimator whose final accuracy is the target")
+    parser.add_argument("--reference", default="grpo", help="run (label) whose final accuracy is the target")
     parser.add_argument("--thresholds", nargs="*", type=float, default=[0.5, 0.55, 0.6],
                         help="fixed validation accuracies to report steps to (default 0.5 0.55 0.6)")
     parser.add_argument("--final-window", type=int, default=3,
@@ -210,15 +223,15 @@ def setup_table(configs: list[str], steps: int, val_every: int) -> str:
     """The settings that make the comparison fair (equal rollouts per step), read from the configs themselves."""
     from mssr_megatron.config import load_config
 
-    lines = ["| estimator | config | prompts x rollouts per step | lr | mini-batch | temperature (val) | steps "
-             "| val every | val prompts |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | estimator | config | prompts x rollouts per step | lr | mini-batch | temperature (val) | steps "
+             "| val every | val prompts |", "|---|---|---|---|---|---|---|---|---|---|"]
     for config in configs:
         c = load_config(config, [])
         with open(c.data.val_path, encoding="utf-8") as f:
             n_val = sum(1 for line in f if line.strip())
-        lines.append(f"| {c.algorithm.estimator} | `{config}` | {c.data.prompts_per_step} x {c.rollout.n} "
-                     f"| {c.optimizer.lr:g} | {c.optimizer.mini_batch_size} | {c.rollout.temperature:g} "
-                     f"({c.rollout.val_temperature:g}) | {steps} | {val_every} | {n_val} |")
+        lines.append(f"| {run_label(config)} | {c.algorithm.estimator} | `{config}` "
+                     f"| {c.data.prompts_per_step} x {c.rollout.n} | {c.optimizer.lr:g} | {c.optimizer.mini_batch_size} "
+                     f"| {c.rollout.temperature:g} ({c.rollout.val_temperature:g}) | {steps} | {val_every} | {n_val} |")
     return "\n".join(lines)
 
 

@@ -76,3 +76,22 @@ def test_train_command_sets_every_seed_and_turns_off_checkpoints():
     for override in ("trainer.seed=3", "rollout.seed=3", "data.seed=3", "trainer.total_steps=50",
                      "trainer.val_every=5", "trainer.output_dir=out/x", "checkpoint.save_every=0"):
         assert override in cmd
+
+
+def test_two_variants_of_one_estimator_are_two_rows_and_a_clash_is_refused(tmp_path):
+    """A config's row is its logging.run_name, else its estimator: MSSR with full and with sampled shaping entropy
+    are two rows; two configs with one label would write into the same run folders and are refused."""
+    from mssr_megatron.study import run_all, run_label, setup_table
+
+    examples = os.path.abspath("examples/configs")
+    (tmp_path / "val.jsonl").write_text('{"problem": "p", "answer": "1"}\n' * 3)
+    configs = []
+    for name in ("tiny_cpu.yaml", "tiny_cpu_sampled.yaml"):  # the example configs, on a local validation file
+        (tmp_path / name).write_text(f"base: {examples}/{name}\ndata:\n  val_path: {tmp_path}/val.jsonl\n")
+        configs.append(str(tmp_path / name))
+    assert [run_label(c) for c in configs] == ["mssr", "mssr_sampled"]
+    with pytest.raises(ValueError, match="share the label 'mssr'"):
+        run_all([configs[0], configs[0]], [0], str(tmp_path / "out"), 1, 1)
+    table = setup_table(configs, 100, 10)
+    assert f"| mssr | mssr | `{configs[0]}` | 64 x 1 |" in table
+    assert f"| mssr_sampled | mssr | `{configs[1]}` | 64 x 1 |" in table and table.endswith("| 100 | 10 | 3 |")
