@@ -87,7 +87,8 @@ def test_update_policy_cuts_the_per_token_tensors_to_each_microbatch():
     seen = []
 
     class Algo:
-        def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, rollout_logprobs, entropy, normalizer):
+        def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, rollout_logprobs, entropy, crossmodal,
+                 normalizer):
             seen.append((logprobs.shape, old.shape, advantages.shape, mask.shape, ref_logprobs.shape,
                          rollout_logprobs.shape, float(mask.sum())))
             return logprobs.sum(), {}
@@ -135,7 +136,8 @@ def _same_results_worker(rank: int, out: str) -> None:
         ctx = types.SimpleNamespace(cfg=cfg, actor=actor, blocked_ids=[])
 
         class Algo:  # a plain policy-gradient loss over the response tokens
-            def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, rollout_logprobs, entropy, normalizer):
+            def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, rollout_logprobs, entropy, crossmodal,
+                 normalizer):
                 return -(logprobs * advantages * mask).sum() / normalizer + 0.1 * (entropy * mask).sum() / normalizer, {}
 
         ctx.algo = Algo()
