@@ -168,7 +168,8 @@ def test_update_policy_gives_the_loss_its_tensors_on_the_actors_device(monkeypat
     devices = []
 
     class Algo:
-        def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, rollout_logprobs, entropy, normalizer):
+        def loss(self, logprobs, old, advantages, mask, *, ref_logprobs, rollout_logprobs, entropy, crossmodal,
+                 normalizer):
             devices.append({t.device.type for t in (old, advantages, mask, ref_logprobs, rollout_logprobs)})
             assert old.shape == (2, width - 1) and normalizer == 2 * (width - 1)
             return logprobs.sum(), {}
@@ -184,7 +185,7 @@ def test_update_policy_gives_the_loss_its_tensors_on_the_actors_device(monkeypat
     cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(temperature=1.0),
                                 optimizer=types.SimpleNamespace(mini_batch_size=2, ppo_epochs=1),
                                 parallel=ParallelConfig(micro_batch_size=2), model=ModelConfig(),
-                                algorithm=types.SimpleNamespace(loss_agg_mode="token-mean"))
+                                algorithm=types.SimpleNamespace(loss_agg_mode="token-mean", crossmodal_coef=0.0))
     ctx = types.SimpleNamespace(cfg=cfg, actor=Actor(), algo=Algo(), blocked_ids=[])
     per_token = torch.randn(rows, width - 1)
     metrics = rl_step.update_policy(ctx, exp, torch.arange(rows), per_token, per_token.clone(), per_token.clone())
