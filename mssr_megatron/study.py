@@ -230,8 +230,9 @@ def setup_table(configs: list[str], steps: int, val_every: int) -> str:
         with open(c.data.val_path, encoding="utf-8") as f:
             n_val = sum(1 for line in f if line.strip())
         lines.append(f"| {run_label(config)} | {c.algorithm.estimator} | `{config}` "
-                     f"| {c.data.prompts_per_step} x {c.rollout.n} | {c.optimizer.lr:g} | {c.optimizer.mini_batch_size} "
-                     f"| {c.rollout.temperature:g} ({c.rollout.val_temperature:g}) | {steps} | {val_every} | {n_val} |")
+                     f"| {c.data.prompts_per_step} x {c.rollout.n} | {c.optimizer.lr:g} "
+                     f"| {c.optimizer.mini_batch_size} | {c.rollout.temperature:g} ({c.rollout.val_temperature:g}) "
+                     f"| {steps} | {val_every} | {n_val} |")
     return "\n".join(lines)
 
 
