@@ -94,14 +94,15 @@ def test_engine_memory_follows_the_phases_of_a_real_step_and_results_do_not_chan
     assert 0 < buffers < full / 1000  # what stays while released: rotary frequencies only
     training = [f"logprobs (engine holds {buffers} bytes)", f"update (engine holds {buffers} bytes)"]
     step = ["generate", "release", *training, "resume weights", "sync", "resume kv_cache"]
+    initialisation = ["generate"] * 3  # the tracker's: 24 training prompts in chunks of prompts_per_step (8)
     assert _compress(on["events"]) == [
         "engine built", "release", "model built", "model built",  # policy and reference, in the released room
         "resume weights", "sync", "resume kv_cache",  # the context hands over an engine serving the policy
-        "generate", "generate",  # tracker initialisation, validation before training
+        *initialisation, "generate",  # tracker initialisation, validation before training
         *step, *step, "generate"]  # two steps, validation at step 2
     served = [f"logprobs (engine holds {full} bytes)", f"update (engine holds {full} bytes)"]
-    assert _compress(off["events"]) == ["engine built", "model built", "model built", "sync", "generate", "generate",
-                                        *(["generate", *served, "sync"] * 2), "generate"]
+    assert _compress(off["events"]) == ["engine built", "model built", "model built", "sync", *initialisation,
+                                        "generate", *(["generate", *served, "sync"] * 2), "generate"]
     assert off["sizes"]["full"] == full
     with_colocation, without = _metrics(tmp_path / "run_true" / "metrics.jsonl"), _metrics(
         tmp_path / "run_false" / "metrics.jsonl")

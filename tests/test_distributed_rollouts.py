@@ -174,6 +174,7 @@ def test_two_step_data_parallel_run_with_an_engine_per_rank(tmp_path, assets):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         steps = [m for m in map(json.loads, f) if m["step"] > 0]
     assert [m["step"] for m in steps] == [1, 2] and all(m["reward/count"] == 8 for m in steps)
-    # tracker initialisation (24 prompts), validation (4), 2 steps (8 each), validation at step 2: half on each rank
+    # tracker initialisation (24 prompts in chunks of prompts_per_step, 8), validation (4), 2 steps (8 each),
+    # validation at step 2: half on each rank
     for rank in range(2):
-        assert json.loads((tmp_path / f"served{rank}.json").read_text()) == [12, 2, 4, 4, 2]
+        assert json.loads((tmp_path / f"served{rank}.json").read_text()) == [4, 4, 4, 2, 4, 4, 2]
