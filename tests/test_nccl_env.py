@@ -96,7 +96,7 @@ def _rank_env_worker(rank: int, model: str, data: str, out_dir: str) -> None:
         dist.init_process_group = record  # parallel.init_megatron calls it through the module
         cfg = load_config("examples/configs/tiny_cpu.yaml", [
             f"model.hf_path={model}", f"data.train_path={data}", "data.val_path=null", "trainer.device=auto",
-            f"rollout.engine={engine}", "data.reward_workers=0"])
+            f"rollout.engine={engine}", "data.reward_workers=0", f"trainer.output_dir={out_dir}/run_{engine}"])
         with pytest.raises(Started):
             build_context(cfg)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
