@@ -100,6 +100,19 @@ def test_plan_lines_by_hand():
     assert no_dist.line("optimizer").training == 3272 * 12
 
 
+def test_crossmodal_doubles_the_language_model_rows_and_adds_the_kl_op():
+    cfg = _small_cfg()
+    base = plan_memory(cfg, SMALL, world_size=4, gpu_bytes=1 << 20, image_tokens=0)
+    cfg.algorithm.crossmodal_coef = 0.05
+    plan = plan_memory(cfg, SMALL, world_size=4, gpu_bytes=1 << 20, image_tokens=0)
+    # each micro-batch of 2 rows x 16 tokens carries its 2 text-only copies: the layers see 4 rows (64 tokens)
+    assert plan.line("activations").training == 3 * layer_activation_bytes(SMALL, 64, 16, 4, 1, False, 2, "local", None)
+    assert plan.line("activations").training > base.line("activations").training
+    # the copies' bf16 logits + their gradient (2 x 32 x 128 x 2) and three fp32 [chunk 8, 128] KL buffers
+    assert plan.line("crossmodal").training == 2 * 32 * 128 * 2 + 3 * 8 * 128 * 4
+    assert base.line("crossmodal").training == 0 and plan.line("logprob").training == base.line("logprob").training
+
+
 def test_an_overflow_names_its_line_and_settings_that_fit():
     from mssr_megatron.plan.report import check_fits
 

@@ -14,6 +14,9 @@ GPU does; per_dp_group and single: the engines' GPUs), in bytes:
                  x layers x micro-batches in flight (PP of them on the first stage), + one layer's worth for the
                  gradients of the layer in backward, + the trained vision tower
   log-prob op    the logits of one micro-batch and the fused log-prob op's buffers (chunked or not)
+  cross-modal    with algorithm.crossmodal_coef != 0 each micro-batch carries a text-only copy of its rows
+                 (train/crossmodal.py): the language model's activations are those of 2 x micro_batch_size rows, and
+                 the copies' logits, their gradient and the KL op's fp32 scratch come on top of the log-prob op
   optimizer step torch's AdamW scratch on the CPU (no fused Adam there): one fp32 copy of the trained params
   rollout engine SGLang/vLLM: mem_fraction of the GPU (weights + KV cache); released while training when
                  colocated. HF engine: a copy of the weights in params_dtype plus its KV cache, always resident.
@@ -127,6 +130,14 @@ def logprob_op_bytes(tokens: int, vocab_local: int, dtype_bytes: int, chunk: int
     return 2 * logits + scratch * chunk * vocab_local * 4
 
 
+def crossmodal_kl_bytes(tokens: int, vocab_local: int, dtype_bytes: int, chunk: int | None) -> int:
+    """Extra bytes of the cross-modal KL for one micro-batch of `tokens` (normal rows): the text-only copies' logits
+    and their gradient, and the KL op's float32 scratch (ops/vocab_parallel_kl.py: about three [rows, V/TP] buffers
+    per chunk, both softmaxes and the gradient; all `tokens` rows at most when unchunked)."""
+    rows = tokens if chunk is None else min(chunk, tokens)
+    return 2 * tokens * vocab_local * dtype_bytes + 3 * rows * vocab_local * 4
+
+
 def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None = None, *,
                 image_tokens: int | None = None, fused_adam: bool = True) -> MemoryPlan:
     """The plan of `cfg` on `world_size` ranks (see the module docstring). image_tokens: image tokens per rollout
@@ -138,6 +149,9 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
     multiple = sequence_multiple(m, p)
     seq = -(-(cfg.data.max_prompt_tokens + r.max_new_tokens) // multiple) * multiple
     tokens = seq * p.micro_batch_size
+    crossmodal = cfg.algorithm.crossmodal_coef != 0.0
+    lm_rows = p.micro_batch_size * (2 if crossmodal else 1)  # the text-only copies run in the same micro-batch
+    lm_tokens = seq * lm_rows
     image_tokens = cfg.data.max_prompt_tokens // 2 if image_tokens is None else image_tokens
 
     vision = shape.vision_params()
@@ -151,7 +165,7 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
     needs_ref = cfg.algorithm.use_kl_loss or cfg.algorithm.kl_in_reward or cfg.algorithm.baseline.rho_rule == "kl_window"
 
     attention = "flash" if m.transformer_impl == "transformer_engine" else "local"
-    per_layer = layer_activation_bytes(shape, tokens, seq, p.micro_batch_size, tp, p.sequence_parallel, b, attention,
+    per_layer = layer_activation_bytes(shape, lm_tokens, seq, lm_rows, tp, p.sequence_parallel, b, attention,
                                        m.recompute_granularity)
     layers = shape.layers // pp
     in_flight = min(pp - stage, max(cfg.optimizer.mini_batch_size // (dp * p.micro_batch_size), 1))
@@ -159,22 +173,23 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
     activations = per_layer * (layers * in_flight + 1)
     if m.recompute_granularity == "full":  # one recompute unit is live again during its backward
         unit = m.recompute_num_layers if m.recompute_method == "uniform" else 1
-        activations += unit * layer_activation_bytes(shape, tokens, seq, p.micro_batch_size, tp, p.sequence_parallel,
+        activations += unit * layer_activation_bytes(shape, lm_tokens, seq, lm_rows, tp, p.sequence_parallel,
                                                      b, attention, None)
     vision_act = (vision_activation_bytes(shape, image_tokens * shape.v_merge ** 2 * p.micro_batch_size, b) * in_flight
                   if stage == 0 and m.train_vision else 0)
     vocab_local = shape.padded_vocab(tp) // tp
     last = stage == pp - 1
     logprob = logprob_op_bytes(tokens, vocab_local, b, m.logprob_chunk_tokens) if last else 0
+    kl_op = crossmodal_kl_bytes(tokens, vocab_local, b, m.logprob_chunk_tokens) if last and crossmodal else 0
     step_scratch = 0 if fused_adam else trained * 4 // (dp if dist_opt else 1)
-    compute = activations + vision_act + logprob
+    compute = activations + vision_act + logprob + kl_op
     backward_peak = compute >= step_scratch  # else the optimizer step, after backward, sets the training peak
     engine_rollout, engine_training, engine_note = _engine_bytes(cfg, shape, gpu_bytes, b)
 
     unchunked = logprob_op_bytes(tokens, vocab_local, b, None) if last else 0
     no_dist = trained * opt_per_param
     recompute_alts = {g: per_layer_alt * (layers * in_flight + 1) for g, per_layer_alt in (
-        (g, layer_activation_bytes(shape, tokens, seq, p.micro_batch_size, tp, p.sequence_parallel, b, attention, g))
+        (g, layer_activation_bytes(shape, lm_tokens, seq, lm_rows, tp, p.sequence_parallel, b, attention, g))
         for g in (None, "selective", "full"))}
     lines = [
         Line("weights", f"weights ({m.params_dtype})", params * b, params * b,
@@ -186,7 +201,8 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
         Line("reference", f"reference model ({m.params_dtype})", params * b if needs_ref else 0,
              params * b if needs_ref else 0, "" if needs_ref else "not needed (no KL term)"),
         Line("activations", "activations", 0, activations + vision_act if backward_peak else step_scratch,
-             f"mbs {p.micro_batch_size} x {seq} tokens x {in_flight} in flight, recompute "
+             f"mbs {p.micro_batch_size}{' (x2: text-only copies)' if crossmodal else ''} x {seq} tokens x "
+             f"{in_flight} in flight, recompute "
              f"{m.recompute_granularity or 'none'}; none/selective/full: "
              + "/".join(_gb(v) for v in recompute_alts.values())
              + (f"; vision tower {_gb(vision_act)}" if vision_act else "")
@@ -195,6 +211,8 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
         Line("logprob", "logits + log-prob op", 0, logprob if backward_peak else 0,
              f"chunk {m.logprob_chunk_tokens}; unchunked {_gb(unchunked)}" if m.logprob_chunk_tokens
              else f"unchunked; {_gb(logprob_op_bytes(tokens, vocab_local, b, 2048))} with chunk 2048"),
+        Line("crossmodal", "cross-modal KL (copies' logits + KL op)", 0, kl_op if backward_peak else 0,
+             f"algorithm.crossmodal_coef={cfg.algorithm.crossmodal_coef:g}" if crossmodal else "off"),
         Line("engine", f"rollout engine ({r.engine})", engine_rollout, engine_training, engine_note),
     ]
     layout = f"TP{tp} PP{pp} DP{dp} on {world_size} rank(s), stage {stage}"
