@@ -211,7 +211,7 @@ def _sample(layout: BenchmarkReader, row, index: int, name: str, base_dir: str, 
     absent = [c for c in layout.required if c not in row]
     try:
         if absent:
-            raise SkipRow(f"missing_{absent[0]}")
+            raise SkipRow(f"no_{absent[0]}_column")
         parsed = layout.parse(row, index)
         label = parsed.sample_id or label
         _validate(parsed)
