@@ -195,6 +195,7 @@ def read_benchmark(reader: str, path: str | os.PathLike, *, name: str | None = N
                 continue
             seen.add(sample.sample_id)
             out.samples.append(sample)
+        rows.close()
         offset += rows_in_file
     if not out.samples:
         raise ValueError(f"benchmark {name!r}: no usable rows; {benchmark_summary(out)}. Check that the reader "
