@@ -6,7 +6,10 @@
    stopped as soon as greedy validation accuracy enters the "partial" band [target_low, target_high]: RL needs a
    policy that solves some but not all problems. The band is narrow and comes quickly (PLATFORM_NOTES: ~24% at
    step 100, ~42% at 200-300, then a jump to ~75%), so it is checked every `eval_every` steps.
-Everything lands in `out_dir` (model/, data/, make_tiny.json); a second call with the same settings does nothing.
+4. A tiny synthetic benchmark suite in each benchmark's own file layout (eval/tiny_suite.py): eval_suite.yaml and
+   eval_data/, for `mssr eval --model runs/tiny/model --suite runs/tiny/eval_suite.yaml`.
+Everything lands in `out_dir` (model/, data/, eval_data/, eval_suite.yaml, make_tiny.json); a second call with the
+same settings does nothing (beyond writing the eval suite if an older make-tiny did not).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+
+from mssr_megatron.eval.tiny_suite import write_tiny_suite
 
 log = logging.getLogger("mssr")
 
@@ -50,7 +55,8 @@ class TinySetup:
 
 
 def make_tiny(setup: TinySetup) -> dict:
-    """Build (or reuse) the tiny model and data; returns the manifest written to make_tiny.json."""
+    """Build (or reuse) the tiny model, data and eval suite; returns the manifest written to make_tiny.json
+    (its "eval_suite" is the suite YAML's path)."""
     manifest_path = os.path.join(setup.out_dir, "make_tiny.json")
     settings = dataclasses.asdict(setup)
     if os.path.exists(manifest_path):
@@ -58,6 +64,9 @@ def make_tiny(setup: TinySetup) -> dict:
             manifest = json.load(f)
         if manifest.get("settings") == settings and os.path.isdir(manifest["model_dir"]):
             log.info("make-tiny: reusing %s", setup.out_dir)
+            if not os.path.isfile(manifest.get("eval_suite") or ""):  # made before make-tiny wrote the eval suite
+                manifest["eval_suite"] = write_tiny_suite(setup.out_dir, seed=setup.seed)
+                _write_manifest(manifest_path, manifest)
             return manifest
     from mssr_megatron.data.synthetic import floor_accuracy, generate_dataset
     from mssr_megatron.models.tiny_hf import build_tiny_model_dir
@@ -70,12 +79,17 @@ def make_tiny(setup: TinySetup) -> dict:
     with open(val_path) as f:
         floor = floor_accuracy(json.loads(line) for line in f)
     manifest = {"settings": settings, "model_dir": model_dir, "train_path": train_path, "val_path": val_path,
-                "val_floor_accuracy": floor, "warm_start": history}
-    tmp = manifest_path + ".tmp"
+                "val_floor_accuracy": floor, "warm_start": history,
+                "eval_suite": write_tiny_suite(setup.out_dir, seed=setup.seed)}
+    _write_manifest(manifest_path, manifest)
+    return manifest
+
+
+def _write_manifest(path: str, manifest: dict) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
-    os.replace(tmp, manifest_path)
-    return manifest
+    os.replace(tmp, path)
 
 
 def _examples(path: str):

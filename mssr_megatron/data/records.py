@@ -74,10 +74,7 @@ class RecordSet:
 
     def skip(self, reason: str, example_id: str) -> None:
         """Count one skipped row under `reason`, keeping the first few ids as examples."""
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        examples = self.skipped_examples.setdefault(reason, [])
-        if len(examples) < MAX_EXAMPLE_IDS:
-            examples.append(example_id)
+        count_skip(self.skipped, self.skipped_examples, reason, example_id)
 
     def summary(self) -> str:
         """One line: kept count, skipped counts by reason with example ids."""
@@ -89,6 +86,14 @@ class RecordSet:
             for reason, count in sorted(self.skipped.items())
         ]
         return f"{line}, skipped {sum(self.skipped.values())}: " + "; ".join(parts)
+
+
+def count_skip(skipped: dict[str, int], examples: dict[str, list[str]], reason: str, example_id: str) -> None:
+    """Add one skipped row under `reason` to `skipped`, keeping the first MAX_EXAMPLE_IDS ids in `examples`."""
+    skipped[reason] = skipped.get(reason, 0) + 1
+    kept = examples.setdefault(reason, [])
+    if len(kept) < MAX_EXAMPLE_IDS:
+        kept.append(example_id)
 
 
 def resolve_format(path: str, fmt: str = "auto") -> str:
@@ -103,7 +108,7 @@ def resolve_format(path: str, fmt: str = "auto") -> str:
     raise DataFileError(f"{path!r}: cannot tell the format from the extension; set data.format to jsonl or parquet")
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, row) per non-empty line, or (line number, why it is unusable: "not_utf8" / "bad_json"). Lines are
     decoded one at a time, so one undecodable line is skipped and counted rather than ending the whole read."""
     opener = open
@@ -136,13 +141,14 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
             yield line_no, row if isinstance(row, dict) else "bad_json"
 
 
-def _iter_parquet(path: str, columns: list[str]) -> Iterator[tuple[int, dict[str, Any] | None]]:
+def iter_parquet(path: str, columns: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row index, row) per row; only `columns` that the file has (all columns when None)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow is in requirements.txt
         raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from None
     file = pq.ParquetFile(path)
-    present = [c for c in columns if c in file.schema_arrow.names]  # read only what we use: images are large
+    present = None if columns is None else [c for c in columns if c in file.schema_arrow.names]  # images are large
     index = 0
     for batch in file.iter_batches(batch_size=256, columns=present):
         for row in batch.to_pylist():
@@ -150,7 +156,7 @@ def _iter_parquet(path: str, columns: list[str]) -> Iterator[tuple[int, dict[str
             index += 1
 
 
-def _decode_b64(text: str) -> bytes:
+def decode_base64_image(text: str) -> bytes:
     """A base64 string, optionally a data URI ("data:image/png;base64,...")."""
     if text.startswith("data:"):
         text = text.split(",", 1)[1] if "," in text else ""
@@ -160,16 +166,16 @@ def _decode_b64(text: str) -> bytes:
         raise ImageDecodeError("invalid base64 image data") from None
 
 
-class _MissingImage(ImageDecodeError):
-    pass
+class MissingImage(ImageDecodeError):
+    """An image path that names no file (counted as 'missing_image', apart from undecodable images)."""
 
 
-def _normalise_image(value: Any, base_dir: str) -> tuple[bytes | str, bytes | str]:
+def normalise_image(value: Any, base_dir: str) -> tuple[bytes | str, bytes | str]:
     """(image for the Record: bytes or absolute path, identity for hashing: bytes or the path as written)."""
     if isinstance(value, dict):  # HF datasets Image layout; in jsonl its bytes can only be base64 text
         data, path = value.get("bytes"), value.get("path")
         if isinstance(data, str) and data:
-            data = _decode_b64(data)
+            data = decode_base64_image(data)
         if data:
             return bytes(data), bytes(data)
         if not path:
@@ -178,18 +184,18 @@ def _normalise_image(value: Any, base_dir: str) -> tuple[bytes | str, bytes | st
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), bytes(value)
     if isinstance(value, str) and value.startswith("data:"):
-        data = _decode_b64(value)
+        data = decode_base64_image(value)
         return data, data
     if isinstance(value, str) and value:
         full = os.path.normpath(value if os.path.isabs(value) else os.path.join(base_dir, value))
         if not os.path.isfile(full):
-            raise _MissingImage(f"no such image file {full!r}")
+            raise MissingImage(f"no such image file {full!r}")
         return full, value
     raise ImageDecodeError(f"unsupported image value of type {type(value).__name__}")
 
 
-def _text(value: Any) -> str:
-    """Answers are often numbers in jsonl (3, 0.5): keep them as text; None means missing."""
+def cell_text(value: Any) -> str:
+    """A cell as stripped text. Answers are often numbers in jsonl (3, 0.5): keep them as text; None means missing."""
     if value is None:
         return ""
     if isinstance(value, float) and value.is_integer():
@@ -223,9 +229,9 @@ def read_records(
     base_dir = os.path.dirname(path)
     image_key, problem_key, answer_key = cfg_data.image_key, cfg_data.problem_key, cfg_data.answer_key
     rows = (
-        _iter_jsonl(path)
+        iter_jsonl(path)
         if fmt == "jsonl"
-        else _iter_parquet(path, [image_key, problem_key, answer_key, *ID_KEYS])
+        else iter_parquet(path, [image_key, problem_key, answer_key, *ID_KEYS])
     )
     out = RecordSet(records=[], path=path, split=split_name)
     seen: set[str] = set()
@@ -261,7 +267,7 @@ def read_records(
 
 def _make_record(row, explicit, label, base_dir, image_key, problem_key, answer_key, out) -> Record | None:
     """One row -> Record, or None after counting why it was skipped."""
-    problem, answer = _text(row.get(problem_key)), _text(row.get(answer_key))
+    problem, answer = cell_text(row.get(problem_key)), cell_text(row.get(answer_key))
     if not problem:
         out.skip("empty_problem", label)
         return None
@@ -278,9 +284,9 @@ def _make_record(row, explicit, label, base_dir, image_key, problem_key, answer_
     sizes: list[tuple[int, int]] = []
     for value in raw_list:
         try:
-            image, ident = _normalise_image(value, base_dir)
+            image, ident = normalise_image(value, base_dir)
             sizes.append(image_size(image))
-        except _MissingImage:
+        except MissingImage:
             out.skip("missing_image", label)
             return None
         except ImageDecodeError:
