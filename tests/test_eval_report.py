@@ -60,12 +60,12 @@ def test_format_results_table_fallback_and_paper_rows():
     results = _results({
         "mathvista": _entry(45, 100, skipped={"missing_image": 2, "bad_answer": 0}),
         "hallusionbench": _entry(60, 100, graded_by={"rule": 0, "judge": 95, "rule_fallback": 5}),
-        "wemath": _entry(1, 3),
+        "wemath": _entry(1, 3, graded_by={"rule": 2, "judge": 0, "rule_fallback": 0}, errors=1),
     })
     text = format_results(results)
     rows = _table_rows(text)
     assert rows["mathvista"] == ["45.0", "45 / 100", "missing_image 2", "rule 100"]
-    assert rows["wemath"][:2] == ["33.3", "1 / 3"]  # one decimal, as the paper
+    assert rows["wemath"] == ["33.3", "1 / 3", "0", "rule 2, engine errors 1"]  # one decimal, as the paper
     assert rows["hallusionbench"][3] == "judge 95, **rule_fallback 5 (judge failed)**"
     assert rows["**average**"][0] == "**46.1**"  # (45 + 60 + 33.33) / 3
     assert "**5 answers were graded by rule because the judge did not answer**" in text

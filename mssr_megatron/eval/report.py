@@ -72,14 +72,16 @@ def _settings_line(results: dict) -> str:
     return ", ".join(parts)
 
 
-def _graded_by(counts: dict) -> str:
-    """'rule 90, judge 5, **rule_fallback 5 (judge unreachable)**' (zero counts left out)."""
-    parts = []
+def _graded_by(entry: dict) -> str:
+    """'rule 90, judge 5, **rule_fallback 5 (judge failed)**, engine errors 1' (zero counts left out)."""
+    counts, parts = entry.get("graded_by", {}), []
     for method in ("rule", "judge", "rule_fallback"):
         n = counts.get(method, 0)
         if n:
             parts.append(f"**rule_fallback {_count(n)} (judge failed)**" if method == "rule_fallback"
                          else f"{method} {_count(n)}")
+    if entry.get("errors"):  # responses the engine failed to produce: graded wrong, by no method
+        parts.append(f"engine errors {_count(entry['errors'])}")
     return ", ".join(parts) or _DASH
 
 
@@ -121,10 +123,9 @@ def format_results(results: dict) -> str:
     fallback = 0.0
     for name, entry in benchmarks.items():
         skipped = ", ".join(f"{reason} {n}" for reason, n in entry.get("skipped", {}).items() if n) or "0"
-        graded = entry.get("graded_by", {})
-        fallback += graded.get("rule_fallback", 0)
+        fallback += entry.get("graded_by", {}).get("rule_fallback", 0)
         lines.append(f"| {name} | {_pct(entry.get('accuracy'))} | {_count(entry.get('correct'))} / "
-                     f"{_count(entry.get('total'))} | {skipped} | {_graded_by(graded)} |")
+                     f"{_count(entry.get('total'))} | {skipped} | {_graded_by(entry)} |")
     lines.append(f"| **average** | **{_pct(results.get('average'))}** | | | |")
     if fallback:
         lines += ["", f"**{_count(fallback)} answers were graded by rule because the judge did not answer** "
