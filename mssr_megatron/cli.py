@@ -7,6 +7,9 @@
     mssr make-tiny [--out runs/tiny]                      the embedded default: tiny Qwen2.5-VL + synthetic data
     mssr train CONFIG [key=value ...]                     RL training (torchrun/srun for several processes)
     mssr plot RUN_DIR [RUN_DIR ...] [--out DIR]           PNG curves, several runs overlaid
+    mssr eval --model HF_DIR --suite SUITE.yaml [--out DIR] [key=value ...]
+                                                          benchmark accuracy (table beside the paper's Table 1)
+    mssr eval --compare A B [C ...]                       evaluations (eval folders or runs) side by side
     mssr bench CONFIG [key=value ...] [--out F.json]      throughput: tokens/s per phase, MFU, memory (+ HF ratio)
     mssr bench --study [--seeds ...] [--docs F.md]        efficiency study: estimators at equal rollouts, seeds
     mssr launch [--nodes N --gpus-per-node G --time T --partition P --dry-run] CONFIG [key=value ...]
@@ -99,6 +102,13 @@ def _plot(args: argparse.Namespace) -> int:
     return main_plot(args.plot_args)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from mssr_megatron.eval.report import run_eval_command
+
+    _setup_logging()
+    return run_eval_command(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.study:
         from mssr_megatron.study import run_study
@@ -176,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
                           add_help=False)
     plot.add_argument("plot_args", nargs=argparse.REMAINDER, help="run directories and plot options")
     plot.set_defaults(func=_plot)
+
+    from mssr_megatron.eval.report import add_eval_arguments
+
+    evaluate = sub.add_parser("eval", help="benchmark accuracy of a model on a suite of local benchmark files, or "
+                                           "--compare evaluations")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=_eval)
 
     bench = sub.add_parser("bench", help="throughput benchmark of a config, or (--study) the efficiency study")
     bench.add_argument("--study", action="store_true", help="run the estimator efficiency study instead")

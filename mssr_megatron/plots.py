@@ -7,6 +7,7 @@ One figure per metric group, each run overlaid in its own colour (the same colou
     advantage_clip.png    advantage mean / std, PPO clip fractions
     kl_rho.png            KL loss and old/ref KL, the tracker's forgetting factor rho and coverage
     logprob_mismatch.png  rollout-engine vs trainer log-prob mismatch (mismatch/*)
+    eval.png              benchmark accuracy of the eval suite (eval/<NAME>/accuracy, eval/average)
     step_time.png         seconds per step, stacked by phase (time/*), one panel per run
 A figure (and a panel) is left out when no run has its metrics. With smoothing, the raw curve is drawn faint under a
 centred moving average. Runs that share a label (several seeds) are drawn as their mean with a shaded min-max band.
@@ -64,6 +65,11 @@ FIGURES = (
         _Panel(pattern=r"^mismatch/", exclude=r"num_tokens$"),
     )),
 )
+EVAL_FIGURE = _Figure("eval", "Benchmark accuracy (eval suite, every trainer.eval_every steps)", (
+    _Panel(keys=("eval/average",)),
+    _Panel(pattern=r"^eval/.+/accuracy$"),
+))
+FIGURES = (*FIGURES, EVAL_FIGURE)
 STEP_TIME = "step_time"
 _TIME_PREFIX = "time/"
 
@@ -197,7 +203,7 @@ def _draw_curve(ax, group: list[_Run], key: str, color: str, smooth: int) -> Non
     curves = [r.series[key] for r in group if _has_data(r, key)]
     if not curves:
         return
-    sparse = key.startswith("val/")  # a few points (every val_every steps): markers, no smoothing
+    sparse = key.startswith(("val/", "eval/"))  # a few points (every val_every/eval_every steps): markers, no smoothing
     window = 1 if sparse else smooth
     marker = dict(marker="o", markersize=3) if sparse or len(curves[0][0]) == 1 else {}
     if len(curves) == 1:
@@ -235,7 +241,7 @@ def _legend_handles(groups: dict[str, list[_Run]], colors: dict[str, str], keys:
     return handles, labels
 
 
-def _plot_group(figure: _Figure, runs: list[_Run], groups, colors, out_dir: str, smooth: int) -> str | None:
+def _plot_group(figure: _Figure, runs: list[_Run], groups, colors, path: str, smooth: int) -> str | None:
     present = {k for r in runs for k in r.series if _has_data(r, k)}
     keys = _panel_keys(figure, present)
     if not keys:
@@ -250,7 +256,7 @@ def _plot_group(figure: _Figure, runs: list[_Run], groups, colors, out_dir: str,
         ax.grid(alpha=0.3)
     handles, labels = _legend_handles(groups, colors, keys)
     suffix = f" (moving average over {smooth} steps; raw faint)" if smooth > 1 else ""
-    return _finish(fig, figure.title + suffix, handles, labels, os.path.join(out_dir, f"{figure.name}.png"))
+    return _finish(fig, figure.title + suffix, handles, labels, path)
 
 
 def _plot_step_time(groups: dict[str, list[_Run]], out_dir: str) -> str | None:
@@ -295,6 +301,17 @@ def plot_runs(run_dirs: list[str], out_dir: str, labels: list[str] | None = None
     are drawn as one curve: the mean over them with a shaded min-max band. smooth: moving-average window in steps
     (1 = none); the raw curve is then drawn faint underneath. Validation metrics are never smoothed.
     """
+    runs = _load_runs(run_dirs, labels)
+    groups = _groups(runs)
+    colors = _colors(list(groups))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [_plot_group(figure, runs, groups, colors, os.path.join(out_dir, f"{figure.name}.png"),
+                         max(int(smooth), 1)) for figure in FIGURES]
+    paths.append(_plot_step_time(groups, out_dir))
+    return [p for p in paths if p is not None]
+
+
+def _load_runs(run_dirs: list[str], labels: list[str] | None) -> list[_Run]:
     if not run_dirs:
         raise ValueError("no run directories given")
     if labels is None:
@@ -304,13 +321,15 @@ def plot_runs(run_dirs: list[str], out_dir: str, labels: list[str] | None = None
     for d in run_dirs:
         if not os.path.isfile(os.path.join(d, METRICS_FILE)) and not os.path.isfile(d):
             raise FileNotFoundError(f"{d!r} has no {METRICS_FILE}")
-    runs = [_load_run(d, label) for d, label in zip(run_dirs, labels)]
+    return [_load_run(d, label) for d, label in zip(run_dirs, labels)]
+
+
+def plot_figure(figure: _Figure, run_dirs: list[str], out_path: str, labels: list[str] | None = None) -> str | None:
+    """Draw one of FIGURES for the runs into out_path (labels as in plot_runs); None when no run has its metrics."""
+    runs = _load_runs(run_dirs, labels)
     groups = _groups(runs)
-    colors = _colors(list(groups))
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [_plot_group(figure, runs, groups, colors, out_dir, max(int(smooth), 1)) for figure in FIGURES]
-    paths.append(_plot_step_time(groups, out_dir))
-    return [p for p in paths if p is not None]
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    return _plot_group(figure, runs, groups, _colors(list(groups)), out_path, 1)
 
 
 def add_plot_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
