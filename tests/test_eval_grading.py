@@ -76,6 +76,8 @@ def test_hallusionbench_yes_no(gold, response, extracted, correct):
     ("0.5", "\\boxed{0.55}", "0.55", False),
     ("Angry", "\\boxed{angry}", "angry", True),              # a word gold (ChartQA): compared as text
     ("Angry", "\\boxed{Happy}", "Happy", False),
+    ("TCGA", "\\boxed{AGCT}", "AGCT", False),              # math-verify alone says equal (a product of symbols)
+    ("Red Car", "\\boxed{red  car.}", "red  car.", True),
     ("5", "no final answer here", None, False),
     ("5", "\\boxed{}", None, False),
 ])

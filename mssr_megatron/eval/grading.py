@@ -5,7 +5,8 @@ training: rewards.extract_answer):
 
 * free_form: equal as text (case-insensitive, outer $...$ and a final period ignored), else mathematically equivalent by
   rewards.math_equal (math-verify with the training reward's percent/unit rules: \\frac{1}{2} = 0.5, 50% = 0.5). A gold
-  answer math-verify cannot read (ChartQA's "Angry", R1-OneVision's prose answers) is compared as text only.
+  answer that is a word or phrase (letters and spaces only: ChartQA's "Angry", R1-OneVision's "TCGA") is compared as
+  text only, since math-verify reads words as products of symbols (TCGA == AGCT); so is one math-verify cannot read.
 * choice: the final answer names one option letter ("B", "(B)", "B.", "B: text", "option B": rewards'
   extract_choice_letter) or is exactly one option's text (sample.choices); it must be the gold letter.
 * yes_no: exactly one of the words "yes"/"no" (any case) in the final answer, equal to the gold.
@@ -32,6 +33,7 @@ _LETTERS = "ABCDEFGHIJ"
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 # `\text{Yes}`, `\textbf{No}`: the words inside are what counts.
 _TEXT_MACRO = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}]*)\}")
+_WORDS = re.compile(r"[A-Za-z][A-Za-z\s'-]*[A-Za-z]")
 
 
 def _plain(s: str) -> str:
@@ -74,6 +76,8 @@ def _gold_letter(sample: EvalSample) -> str:
 def _free_form_equal(pred: str, gold: str) -> bool:
     if _plain(pred) == _plain(gold):
         return True
+    if _WORDS.fullmatch(gold.strip()):
+        return False
     try:
         return math_equal(pred, gold)
     except ValueError:  # math-verify reads nothing in the gold (a word or phrase): the text comparison decided
