@@ -10,6 +10,7 @@ in the model response, which the judge prompt quotes); without a marker it answe
     notjson                 HTTP 200 with a body that is not JSON
     nochoices               HTTP 200 JSON without "choices"
     fail=CODE*N             the first N requests with this prompt get HTTP CODE, later ones as correct
+    die                     the server process exits at once (an endpoint that goes down mid-run)
 GET {base}/models answers a model list (the client's probe). GET /stats: {"requests": total chat requests,
 "max_in_flight": most chat requests handled at once, "in_flight": now, "by_prompt": {sha256 of the prompt:
 count}, "auth": the last Authorization header}. POST /reset clears the stats.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import threading
@@ -110,6 +112,8 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, marker: re.Match | None, seen: int) -> None:
         mode = marker.group(1) if marker else "correct"
         name, _, arg = mode.partition("=")
+        if name == "die":
+            os._exit(0)
         if name in ("slow", "hold"):
             time.sleep(float(arg))
             name = "correct"

@@ -18,19 +18,30 @@ import pytest
 
 from mssr_megatron.eval.config import JudgeConfig
 from mssr_megatron.eval.grading import grade_responses
-from mssr_megatron.eval.judge import JUDGE_CACHE_FILE, MalformedReply, judge_responses, parse_verdict
+from mssr_megatron.eval.judge import (
+    JUDGE_CACHE_FILE,
+    MalformedReply,
+    build_judge_prompt,
+    judge_responses,
+    parse_verdict,
+)
 from mssr_megatron.eval.types import EvalSample
 
 SERVER = os.path.join(os.path.dirname(__file__), "judge_server.py")
 
 
+def start_server() -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, SERVER], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("PORT "), f"judge server did not start: {line!r}"
+    return proc, int(line.split()[1])
+
+
 @pytest.fixture(scope="module")
 def server_port():
-    proc = subprocess.Popen([sys.executable, SERVER], stdout=subprocess.PIPE, text=True)
+    proc, port = start_server()
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), f"judge server did not start: {line!r}"
-        yield int(line.split()[1])
+        yield port
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -174,6 +185,37 @@ def test_a_dead_endpoint_falls_back_at_once_after_one_probe():
     assert time.monotonic() - start < 1.0  # not 20 x (4 attempts + backoff)
     assert {g.method for g in grades} == {"rule_fallback"} and all(g.correct for g in grades)
     assert grades[0].error.startswith(f"unreachable: GET http://127.0.0.1:{dead}/v1/models failed (connection: ")
+
+
+def test_the_judge_sees_the_eval_question_the_gold_and_the_whole_response():
+    sample = EvalSample(benchmark="mathvista", sample_id="7", question="Which? Choices: (A) 3 (B) 4", answer="B",
+                        answer_type="choice", images=[], choices=["3", "4"],
+                        meta={"question_for_eval": "Which one is it?"})
+    prompt = build_judge_prompt(sample, "<think>long</think> \\boxed{4}")
+    assert "### Question\nWhich one is it?\n" in prompt and "Choices:" not in prompt
+    assert "### Options\n(A) 3\n(B) 4\n" in prompt and "### Reference answer\nB\n" in prompt
+    assert "### Model response\n<think>long</think> \\boxed{4}\n" in prompt
+    assert "option's text instead of its letter" in prompt
+    assert "option's text" not in build_judge_prompt(free_form("a"), "\\boxed{5}")
+
+
+def test_an_endpoint_that_dies_mid_run_fails_the_rest_at_once():
+    proc, port = start_server()
+    try:
+        responses = ["\\boxed{5} [[judge:correct]]", "\\boxed{5} [[judge:die]]"]
+        responses += [f"\\boxed{{5}} {i}" for i in range(8)]
+        start = time.monotonic()
+        grades = grade_responses([free_form(str(i)) for i in range(10)], responses,
+                                 judge_cfg(port, concurrency=1, timeout_s=0.5, retries=3, backoff_s=0.1), None)
+        elapsed = time.monotonic() - start
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert grades[0].method == "judge"
+    assert grades[1].method == "rule_fallback" and grades[1].error.startswith("connection: ")
+    assert grades[1].error.endswith("(after 4 attempt(s))")
+    assert all(g.method == "rule_fallback" and g.error.startswith("unreachable: GET ") for g in grades[2:])
+    assert elapsed < 2.5, elapsed  # the dying request's 4 attempts (0.7 s of backoff), not 9 x that
 
 
 @pytest.mark.parametrize("reply, extracted, correct", [

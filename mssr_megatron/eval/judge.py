@@ -11,9 +11,11 @@ keeps its rule grade, flagged (grading.py).
 Client: standard library only. `judge.concurrency` requests in flight (a thread pool), `timeout_s` per connect/read,
 `retries` extra attempts with doubling backoff (from `backoff_s`) after a timeout, connection error, HTTP 429/5xx or a
 malformed reply (not JSON, no choices[0].message.content, no verdict lines); other HTTP errors fail at once. One probe
-(GET {url}/models) first: an endpoint that does not answer it fails every sample at once instead of costing
-(retries + 1) x timeout_s each. Judgements are cached in cache_dir/judge_cache.jsonl, one line per reply, keyed by a
-hash of (model, prompt): a rerun asks only for what is missing.
+(GET {url}/models) first, and again after a request that timed out or could not connect on every attempt: an
+endpoint that does not answer it fails the remaining samples at once instead of costing (retries + 1) x timeout_s each
+(a slow but live judge answers the probe and keeps being asked). Judgements are cached in
+cache_dir/judge_cache.jsonl, one line per reply, keyed by a hash of (model, prompt): a rerun asks only for what is
+missing.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class JudgeClient:
 
     def __init__(self, cfg: JudgeConfig):
         if not cfg.url:
-            raise ValueError("judge.url is not set; set it to the judge endpoint's base URL (e.g. http://host:30000/v1)")
+            raise ValueError("judge.url is not set; set it to the judge endpoint's base URL, e.g. http://host:30000/v1")
         parts = urlsplit(cfg.url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"judge.url {cfg.url!r} is not an http(s) URL like http://host:30000/v1")
@@ -258,21 +260,26 @@ def judge_responses(samples: Sequence[EvalSample], responses: Sequence[str], cfg
     todo = [i for i, o in enumerate(outcomes) if o is None]
     failures: Counter[str] = Counter()
     requests = 0
-    unreachable = client.probe() if todo else None
-    if unreachable is not None:
-        for i in todo:
-            outcomes[i] = JudgeOutcome(None, error=f"unreachable: {unreachable}")
-        failures["unreachable"] = len(todo)
-    elif todo:
-        from tqdm.auto import tqdm
+    # Why the endpoint is down: said by the probe before the first request, or by a re-probe after a request that
+    # timed out or could not connect on every attempt. Once set, the remaining prompts fail without a request.
+    down: list[str] = []
+    if todo and (why := client.probe()) is not None:
+        down.append(why)
 
-        def ask(i: int) -> tuple[int, JudgeOutcome, int]:
-            try:
-                reply, verdict, attempts = client.ask(prompts[i])
-            except JudgeError as e:
-                return i, JudgeOutcome(None, reply=e.reply, error=f"{e} (after {e.attempts} attempt(s))"), e.attempts
-            cache.put(keys[i], cfg.model, reply)
-            return i, JudgeOutcome(verdict, reply), attempts
+    def ask(i: int) -> tuple[int, JudgeOutcome, int]:
+        if down:
+            return i, JudgeOutcome(None, error=f"unreachable: {down[0]}"), 0
+        try:
+            reply, verdict, attempts = client.ask(prompts[i])
+        except JudgeError as e:
+            if e.kind in ("timeout", "connection") and not down and (why := client.probe()) is not None:
+                down.append(why)
+            return i, JudgeOutcome(None, reply=e.reply, error=f"{e} (after {e.attempts} attempt(s))"), e.attempts
+        cache.put(keys[i], cfg.model, reply)
+        return i, JudgeOutcome(verdict, reply), attempts
+
+    if todo:
+        from tqdm.auto import tqdm
 
         with ThreadPoolExecutor(max_workers=max(1, cfg.concurrency), thread_name_prefix="judge") as pool:
             futures = [pool.submit(ask, i) for i in todo]
@@ -280,7 +287,7 @@ def judge_responses(samples: Sequence[EvalSample], responses: Sequence[str], cfg
                 i, outcome, attempts = fut.result()
                 outcomes[i], requests = outcome, requests + attempts
                 if outcome.error:
-                    failures[outcome.error.split(":", 1)[0]] += 1  # the JudgeError kind
+                    failures[outcome.error.split(":", 1)[0]] += 1  # the JudgeError kind, or 'unreachable'
     done = [o for o in outcomes if o is not None]
     n_cached = sum(o.cached for o in done)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(failures.items()))
