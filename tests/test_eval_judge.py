@@ -156,9 +156,15 @@ def test_judgements_are_cached_and_a_rerun_does_not_ask_again(port, tmp_path):
     assert stats(port)["requests"] == 3
     assert len((tmp_path / JUDGE_CACHE_FILE).read_text().splitlines()) == 2  # the malformed reply is not kept
     _call(port, "POST", "/reset")
+    with open(tmp_path / JUDGE_CACHE_FILE, "a") as f:  # a line torn by a killed run is ignored
+        f.write('{"key": "0f')
     outcomes = judge_responses(samples, responses, cfg, str(tmp_path), progress=False)
     assert [o.cached for o in outcomes] == [True, True, False]
     assert stats(port)["requests"] == 1  # only the failed one is asked again
+    # An answer written after the torn line is read back on its own line.
+    fixed = ["\\boxed{5} [[judge:correct]] now"]
+    judge_responses(samples[2:], fixed, cfg, str(tmp_path), progress=False)
+    assert judge_responses(samples[2:], fixed, cfg, str(tmp_path), progress=False)[0].cached
     again = grade_responses(samples, responses, cfg, str(tmp_path))
     assert [(g.method, g.correct) for g in again] == [(g.method, g.correct) for g in first]
     # Another judge model is another key: everything is asked again.

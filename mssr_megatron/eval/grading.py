@@ -123,6 +123,9 @@ def grade_responses(samples: Sequence[EvalSample], responses: Sequence[str], jud
             grades[i] = Grade(extracted=rule[i].extracted, correct=rule[i].correct, method="rule_fallback",
                               judge_reply=outcome.reply, error=outcome.error)
         else:
-            grades[i] = Grade(extracted=outcome.verdict.extracted, correct=outcome.verdict.correct, method="judge",
+            extracted = outcome.verdict.extracted
+            if samples[i].answer_type == "choice":  # report the option as a letter, as the rule grade does
+                extracted = choice_letter(extracted, samples[i].choices) or extracted
+            grades[i] = Grade(extracted=extracted, correct=outcome.verdict.correct, method="judge",
                               judge_reply=outcome.reply)
     return grades

@@ -145,9 +145,11 @@ class _ReplyCache:
         self.path = os.path.join(cache_dir, JUDGE_CACHE_FILE) if cache_dir else None
         self.replies: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._torn = False  # the file ends in a torn line: the next entry starts on a new line
         if self.path and os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
                 for line in f:
+                    self._torn = not line.endswith("\n")
                     try:
                         entry = json.loads(line)
                         self.replies[entry["key"]] = entry["reply"]
@@ -160,7 +162,8 @@ class _ReplyCache:
             if self.path:
                 os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
                 with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "model": model, "reply": reply}) + "\n")
+                    f.write("\n" * self._torn + json.dumps({"key": key, "model": model, "reply": reply}) + "\n")
+                self._torn = False
 
 
 # --- client -------------------------------------------------------------------------------------------------------
