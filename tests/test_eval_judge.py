@@ -70,7 +70,8 @@ def stats(port: int) -> dict:
 
 
 def judge_cfg(port: int, **kw) -> JudgeConfig:
-    base = JudgeConfig(url=f"http://127.0.0.1:{port}/v1", model="judge-test", concurrency=4, timeout_s=0.3,
+    # A timeout far above the loopback reply time (the machine may be busy); the timeout tests set a short one.
+    base = JudgeConfig(url=f"http://127.0.0.1:{port}/v1", model="judge-test", concurrency=4, timeout_s=2.0,
                        retries=2, backoff_s=0.01)
     return replace(base, **kw)
 
@@ -120,16 +121,15 @@ def test_http_errors_are_retried_when_transient(port, mode, retries, method, req
 def test_timeout_falls_back_to_the_rule_grade_flagged(port, caplog):
     caplog.set_level(logging.INFO, logger="mssr")
     start = time.monotonic()
-    grades = grade_responses([free_form("a"), free_form("b")], ["\\boxed{5} [[judge:slow=1.5]]", "\\boxed{4}"],
-                             judge_cfg(port, timeout_s=0.3, retries=1), None)
+    grade, = grade_responses([free_form("a")], ["\\boxed{5} [[judge:slow=2]]"],
+                             judge_cfg(port, timeout_s=0.4, retries=1), None)
     elapsed = time.monotonic() - start
-    assert (grades[0].method, grades[0].correct, grades[0].extracted) == ("rule_fallback", True, "5")
-    assert grades[0].error == "timeout: no reply within 0.3s (after 2 attempt(s))"
-    assert grades[1].method == "judge"
-    assert stats(port)["requests"] == 3  # 2 attempts for the slow one, 1 for the other
-    assert elapsed < 1.4, elapsed  # two 0.3 s timeouts, not the server's 1.5 s
+    assert (grade.method, grade.correct, grade.extracted) == ("rule_fallback", True, "5")
+    assert grade.error == "timeout: no reply within 0.4s (after 2 attempt(s))"
+    assert stats(port)["requests"] == 2
+    assert elapsed < 1.9, elapsed  # two 0.4 s timeouts, not one of the server's 2 s replies
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("judge http://")]
-    assert summary == [f"judge http://127.0.0.1:{port}/v1: 2 responses, 0 cached, 2 asked (3 requests), "
+    assert summary == [f"judge http://127.0.0.1:{port}/v1: 1 responses, 0 cached, 1 asked (2 requests), "
                        "1 failed (timeout 1)"]
 
 
@@ -176,7 +176,7 @@ def test_judgements_are_cached_and_a_rerun_does_not_ask_again(port, tmp_path):
 def test_no_more_than_concurrency_requests_in_flight(port):
     samples = [free_form(str(i)) for i in range(8)]
     grades = grade_responses(samples, [f"\\boxed{{5}} [[judge:hold=0.2]] {i}" for i in range(8)],
-                             judge_cfg(port, concurrency=3, timeout_s=2.0), None)
+                             judge_cfg(port, concurrency=3), None)
     assert all(g.method == "judge" for g in grades)
     assert stats(port)["requests"] == 8 and stats(port)["max_in_flight"] == 3
 
@@ -188,7 +188,7 @@ def test_a_dead_endpoint_falls_back_at_once_after_one_probe():
     start = time.monotonic()
     grades = grade_responses([free_form(str(i)) for i in range(20)], ["\\boxed{5}"] * 20,
                              judge_cfg(dead, timeout_s=0.5, retries=3, backoff_s=0.5), None)
-    assert time.monotonic() - start < 1.0  # not 20 x (4 attempts + backoff)
+    assert time.monotonic() - start < 2.0  # not 20 x (4 attempts + 3.5 s of backoff) / 4 in flight = 17.5 s
     assert {g.method for g in grades} == {"rule_fallback"} and all(g.correct for g in grades)
     assert grades[0].error.startswith(f"unreachable: GET http://127.0.0.1:{dead}/v1/models failed (connection: ")
 
@@ -212,7 +212,7 @@ def test_an_endpoint_that_dies_mid_run_fails_the_rest_at_once():
         responses += [f"\\boxed{{5}} {i}" for i in range(8)]
         start = time.monotonic()
         grades = grade_responses([free_form(str(i)) for i in range(10)], responses,
-                                 judge_cfg(port, concurrency=1, timeout_s=0.5, retries=3, backoff_s=0.1), None)
+                                 judge_cfg(port, concurrency=1, retries=3, backoff_s=0.1), None)
         elapsed = time.monotonic() - start
     finally:
         proc.kill()
@@ -221,7 +221,7 @@ def test_an_endpoint_that_dies_mid_run_fails_the_rest_at_once():
     assert grades[1].method == "rule_fallback" and grades[1].error.startswith("connection: ")
     assert grades[1].error.endswith("(after 4 attempt(s))")
     assert all(g.method == "rule_fallback" and g.error.startswith("unreachable: GET ") for g in grades[2:])
-    assert elapsed < 2.5, elapsed  # the dying request's 4 attempts (0.7 s of backoff), not 9 x that
+    assert elapsed < 3.5, elapsed  # the dying request's 4 attempts (0.7 s of backoff), not 9 x that
 
 
 @pytest.mark.parametrize("reply, extracted, correct", [
