@@ -21,6 +21,8 @@ class JudgeConfig:
     """Seconds to wait for one reply."""
     retries: int = 3
     """Extra attempts after a timeout, connection error, HTTP 5xx/429 or malformed reply (with backoff)."""
+    backoff_s: float = 1.0
+    """Wait before the first retry; doubled for each further one."""
     max_tokens: int = 512
     """Maximum tokens of the judge's reply."""
 
