@@ -176,6 +176,20 @@ def test_cache_of_another_evaluation_is_refused(tmp_path, processor):
     assert engine.questions_asked == ["q2"]
 
 
+@pytest.mark.parametrize("settings,message", [
+    (["trainer.eval_every=5"], "trainer.eval_every=5 needs eval.suite"),
+    (["trainer.eval_every=5", "eval.suite=missing.yaml"], "eval.suite='missing.yaml' does not exist"),
+    (["eval.k=4"], "eval.k=4 with eval.temperature=0 repeats one greedy answer"),
+    (["eval.batch_size=0"], "eval.batch_size=0 must be > 0"),
+])
+def test_eval_settings_are_checked_with_the_config(settings, message):
+    from mssr_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, settings)
+    load_config(None, ["eval.k=4", "eval.temperature=0.6"])  # avg@k at a temperature is fine
+
+
 def test_real_hf_engine_end_to_end(tmp_path, processor):
     """The HF engine on a tiny random model: every question answered k times, and a rerun generates nothing."""
     from mssr_megatron.models.tiny_hf import build_tiny_model_dir, synthetic_image
@@ -202,3 +216,65 @@ def test_real_hf_engine_end_to_end(tmp_path, processor):
                     progress=False, grade=exact_grade) == results
     assert calls == [2, 1]
     assert os.path.exists(tmp_path / "out" / "eval_meta.json")
+
+
+# ------------------------------------------------------------------ with the suite readers and grading (issue 14)
+def _train_worker(rank: int, runs: list) -> None:
+    from mssr_megatron.config import load_config
+    from mssr_megatron.train.trainer import train
+
+    for config_path, extra in runs:
+        train(load_config(config_path, extra))
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory):
+    pytest.importorskip("mssr_megatron.eval.suite")
+    pytest.importorskip("mssr_megatron.eval.grading")
+    from mssr_megatron.eval.suite import read_suite
+    from mssr_megatron.eval.tiny_suite import write_tiny_suite
+
+    path = write_tiny_suite(str(tmp_path_factory.mktemp("suite")))
+    return path, [s.name for s in read_suite(path)]
+
+
+def test_evaluate_model_on_an_hf_directory(tmp_path, tiny_suite):
+    from mssr_megatron.eval.runner import evaluate_model
+    from mssr_megatron.models.tiny_hf import build_tiny_model_dir
+
+    suite, names = tiny_suite
+    model = build_tiny_model_dir(tmp_path / "model", seed=0)
+    results = evaluate_model(model, suite, str(tmp_path / "out"), ["eval.limit=2", "eval.max_new_tokens=3"])
+    assert sorted(results["benchmarks"]) == sorted(names) and results["model"] == os.path.abspath(model)
+    assert all(b["total"] == 2 for b in results["benchmarks"].values())
+    with pytest.raises(ValueError, match="max_new_tokens: 3 -> 5"):
+        evaluate_model(model, suite, str(tmp_path / "out"), ["eval.limit=2", "eval.max_new_tokens=5"])
+
+
+@pytest.mark.slow
+def test_training_logs_benchmark_accuracy_and_its_checkpoint_evaluates(tmp_path, tiny_suite):
+    """trainer.eval_every=2 over 2 steps: eval/* metrics at steps 0 and 2 in metrics.jsonl, the files in
+    <run>/eval/step_2/; then `mssr eval --model <run>` exports the run's last checkpoint and evaluates it."""
+    from megatron_harness import spawn
+    from trainer_assets import build_assets, logged_metrics, overrides
+
+    from mssr_megatron.eval.runner import evaluate_model
+
+    suite, names = tiny_suite
+    assets = build_assets(str(tmp_path / "assets"))
+    run_dir = tmp_path / "run"
+    settings = ["eval.limit=2", "eval.max_new_tokens=3"]
+    spawn(_train_worker, 1, [("examples/configs/tiny_cpu.yaml",
+                              overrides(assets, str(run_dir), "trainer.eval_every=2", f"eval.suite={suite}",
+                                        *settings))])
+    metrics = logged_metrics(run_dir)
+    expected = {f"eval/{name}/accuracy" for name in names} | {"eval/average"}
+    assert expected <= set(metrics[0]) and expected <= set(metrics[2])
+    assert not expected & set(metrics[1])
+    with open(run_dir / "eval" / "step_2" / "results.json") as fh:
+        step2 = json.load(fh)
+    assert step2["step"] == 2 and metrics[2]["eval/average"] == pytest.approx(step2["average"])
+
+    results = evaluate_model(str(run_dir), suite, str(tmp_path / "offline"), settings)
+    assert results["step"] == 2 and os.path.isfile(tmp_path / "offline" / "model_hf" / "config.json")
+    assert sorted(results["benchmarks"]) == sorted(names)
