@@ -84,6 +84,6 @@ def resolve_model(model: str) -> ModelSource:
         return _run_checkpoint(path, None)
     if os.path.isfile(os.path.join(path, METADATA_FILE)):
         return ModelSource(path, None, path, {}, None)
-    raise FileNotFoundError(f"--model {model} is not a Hugging Face directory (config.json), a training run directory "
-                            f"(config.yaml), a run checkpoint (step_N with COMPLETE) or a converted Megatron checkpoint "
-                            f"({METADATA_FILE})")
+    raise FileNotFoundError(f"--model {model} is not a Hugging Face directory (config.json), a training run "
+                            "directory (config.yaml), a run checkpoint (step_N with COMPLETE) or a converted Megatron "
+                            f"checkpoint ({METADATA_FILE})")

@@ -250,10 +250,10 @@ def evaluate_model(model: str, suite: str, out_dir: str, overrides: Sequence[str
     from mssr_megatron.rollout.factory import build_engine
 
     source = resolve_model(model)
-    settings = ["trainer.eval_every=0", f"eval.suite={suite}"]  # evaluation trains nothing
+    settings = ["trainer.eval_every=0"]  # evaluation trains nothing
     if not source.config and not torch.cuda.is_available():  # a plain HF directory on the CPU: no bfloat16 default
         settings.append("model.params_dtype=float32")
-    settings += overrides
+    settings += [*overrides, f"eval.suite={suite}"]  # --suite is the suite, whatever the run's config named
     cfg = from_dict(RunConfig, apply_overrides(RunConfig, dict(source.config), settings)).validate()
     sets = read_suite(suite, limit=cfg.eval.limit)
     prompt_format = PromptFormat.from_config(cfg.data)
