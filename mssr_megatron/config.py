@@ -26,10 +26,11 @@ from mssr_megatron.config_loader import (
     to_dict,
 )
 from mssr_megatron.config_loader import help_text as _help_text
+from mssr_megatron.eval.config import EvalConfig
 
 __all__ = [
     "ConfigError", "RunConfig", "ModelConfig", "ParallelConfig", "RolloutConfig", "AlgorithmConfig", "BaselineConfig",
-    "OptimizerConfig", "DataConfig", "TrainerConfig", "LoggingConfig", "CheckpointConfig",
+    "OptimizerConfig", "DataConfig", "TrainerConfig", "LoggingConfig", "CheckpointConfig", "EvalConfig",
     "load_config", "dump_yaml", "to_dict", "field_docs", "help_text",
 ]
 
@@ -306,6 +307,8 @@ class TrainerConfig:
     """Validate every this many steps (0 = never)."""
     val_before_train: bool = True
     """Validate once before the first step."""
+    eval_every: int = 0
+    """Run the benchmark suite eval.suite every this many steps, into <output_dir>/eval/step_<N>/ (0 = never)."""
     seed: int = 42
     """Global seed (model init, dropout, sampler)."""
     output_dir: str = "runs/mssr"
@@ -373,6 +376,8 @@ class RunConfig:
     """Metrics outputs."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Saving, resuming and export."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Benchmark evaluation (`mssr eval`, and trainer.eval_every inside training)."""
 
     @property
     def rollouts_per_step(self) -> int:

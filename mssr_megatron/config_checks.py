@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 from mssr_megatron.config_loader import ConfigError
@@ -69,6 +70,22 @@ def _check_fp8_on_this_gpu(m: Any, device: str) -> None:
         _require(problem is None, problem or "")
 
 
+def _check_eval(cfg: Any) -> None:
+    """The eval: section, and trainer.eval_every's suite (checked here, before a run spends hours to fail at it)."""
+    e = cfg.eval
+    _positive(cfg, "eval.max_new_tokens", "eval.k", "eval.batch_size", "eval.limit", "eval.judge.concurrency",
+              "eval.judge.timeout_s", "eval.judge.max_tokens")
+    _non_negative(cfg, "eval.temperature", "eval.judge.retries")
+    _require(0 < e.top_p <= 1, f"eval.top_p={e.top_p!r} must be in (0, 1]")
+    _require(e.k == 1 or e.temperature > 0, f"eval.k={e.k} with eval.temperature=0 repeats one greedy answer k "
+             "times: set eval.temperature > 0 for avg@k, or eval.k=1")
+    if cfg.trainer.eval_every:
+        _require(bool(e.suite), f"trainer.eval_every={cfg.trainer.eval_every} needs eval.suite (a suite YAML, e.g. "
+                 "runs/tiny/eval_suite.yaml from `mssr make-tiny`), or trainer.eval_every=0")
+        _require(os.path.isfile(e.suite), f"eval.suite={e.suite!r} does not exist (trainer.eval_every="
+                 f"{cfg.trainer.eval_every}): give the path of a suite YAML, or set trainer.eval_every=0")
+
+
 def _finite_numbers(node: Any, prefix: str = "") -> None:
     """Every float setting is a finite number: YAML reads .inf and .nan as floats, and none of the settings means
     anything at infinity (reward_timeout_s=.inf, for one, would fail at every grade with an OverflowError)."""
@@ -99,7 +116,7 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
                   "algorithm.shaping_alpha", "algorithm.grpo_eps", "algorithm.kl_loss_coef", "algorithm.kl_reward_coef",
                   "algorithm.entropy_coef", "algorithm.crossmodal_coef", "algorithm.baseline.init_rollouts",
                   "optimizer.weight_decay", "optimizer.grad_clip", "optimizer.warmup_steps", "optimizer.min_lr",
-                  "data.format_reward_weight", "data.reward_workers", "trainer.val_every",
+                  "data.format_reward_weight", "data.reward_workers", "trainer.val_every", "trainer.eval_every",
                   "trainer.max_nonfinite_steps", "checkpoint.save_every", "checkpoint.keep_last")
 
     # model
@@ -127,6 +144,7 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
                  f"rollout.engine={r.engine} needs CUDA; use rollout.engine=hf with trainer.device=cpu")
 
     _check_fp8_on_this_gpu(m, device)
+    _check_eval(cfg)
     _require(not (cfg.trainer.overwrite and cfg.checkpoint.resume),
              f"trainer.overwrite=true starts the run over and checkpoint.resume={cfg.checkpoint.resume} continues it: "
              "set one of them")

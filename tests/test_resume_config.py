@@ -39,6 +39,7 @@ GROUP_CHANGES = {
     "memory": ("parallel.micro_batch_size", 2),
     "rollout engines": ("rollout.mem_fraction", 0.4),
     "gradient clipping": ("optimizer.grad_clip", 1.0),
+    "benchmark evaluation": ("eval.max_new_tokens", 64),
 }
 
 

@@ -5,6 +5,7 @@ local files, answered by the policy through a rollout engine, graded by rules or
     benchmarks.py   one reader per published benchmark layout (registry)        -> EvalSample
     tiny_suite.py   a tiny synthetic suite in each benchmark's own file layout (written by `mssr make-tiny`)
     runner.py       generation through the engine protocol, a resumable per-sample cache, avg@k
+    model_source.py what `mssr eval --model` names (HF dir, run, checkpoint) -> an HF dir and its run config
     grading.py      rule-based grading (math-verify, choice letters, yes/no)    -> Grade
     judge.py        an OpenAI-compatible chat-completions judge, with a rule-based fallback
     report.py       results tables (with the paper's rows), --compare, accuracy-over-steps figure

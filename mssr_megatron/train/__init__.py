@@ -11,6 +11,7 @@
     crossmodal       text-only copies of the rows beside them, and the cross-modal KL from the paired logits
     finite_check     NaN/Inf checks of the weights after each step and of a loaded or saved optimizer state
     resume_config    what a resumed run may change from the config stored in its checkpoint
+    benchmark_eval   the benchmark suite every trainer.eval_every steps (eval/runner.py on the first engine)
 """
 
 

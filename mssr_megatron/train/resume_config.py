@@ -41,6 +41,8 @@ RESUMABLE: dict[str, tuple[tuple[str, ...], str]] = {
                          "rollout.mem_fraction", "rollout.weight_bucket_mb", "rollout.hf_batch_size"),
                         "where and how engines serve the policy, whose weights come from the trainer at every sync"),
     "gradient clipping": (("optimizer.grad_clip",), "read by the optimizer at each step, not part of its state"),
+    "benchmark evaluation": (("trainer.eval_every", "eval."),
+                             "what the policy is measured on and when; the evaluation changes no training state"),
 }
 """Settings that may change on resume. Not here, so refused: the parallel layout (TP, PP, the distributed optimizer:
 the checkpoint's optimizer shards are 'dp_reshardable', run_checkpoint.DISTRIBUTED_OPTIMIZER_FORMAT, and its RNG

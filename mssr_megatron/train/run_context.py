@@ -117,6 +117,7 @@ def build_context(cfg: RunConfig) -> RunContext:
     """Set up the whole run. Config and data problems are raised here, before any model is built."""
     from megatron.core import parallel_state as ps
 
+    from mssr_megatron.train import benchmark_eval
     from mssr_megatron.train.actor import MegatronActor
     from mssr_megatron.algorithms.pipeline import RLAlgorithm
     from mssr_megatron.checkpoint.dist_io import HFTensors, hf_tensor_index
@@ -166,6 +167,7 @@ def build_context(cfg: RunConfig) -> RunContext:
             log.info(val_set.summary())
     # the engines before the models (see module docstring); the other ranks wait outside any collective meanwhile
     slots = live_engine_slots(cfg.rollout, device)
+    eval_sets = benchmark_eval.read_sets(cfg, [slot.host_rank for slot in slots])  # trainer.eval_every's suite
     own = [slot for slot in slots if slot.host_rank == dist.get_rank()]
     engine = run_on_hosts(lambda: _build_engine(cfg, device, own[0]), [slot.host_rank for slot in slots],
                           "rollout engine start-up", share=False)
@@ -199,7 +201,7 @@ def build_context(cfg: RunConfig) -> RunContext:
                       sampler=sampler, logger=logger,
                       blocked_ids=blocked_token_ids(processor.tokenizer, hf_config.text_config.vocab_size),
                       run_dir=run_dir, device=device, engine_slots=slots, resume_path=resume_path,
-                      run_id=run_id)
+                      run_id=run_id, extra={"eval_sets": eval_sets})
 
 
 def _build_engine(cfg: RunConfig, device: torch.device, slot: EngineSlot):

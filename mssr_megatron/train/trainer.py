@@ -1,7 +1,7 @@
 """The RL loop, top to bottom. Each arrow of a step is one call into the module that owns it:
 
     sample -> rollout -> reward -> advantage -> Megatron log-probs (old, reference) -> shaping
-      -> mini-batched PPO updates -> tracker update -> weight sync -> metrics / validation / checkpoint
+      -> mini-batched PPO updates -> tracker update -> weight sync -> metrics / validation / benchmarks / checkpoint
 
 The engine's memory on a shared GPU follows the phases (ctx.colocation, the same calls with or without colocation):
 released for log-probs and updates (`training()`), weights resumed for the sync and the KV cache after it
@@ -17,7 +17,7 @@ import signal
 
 import torch
 
-from mssr_megatron.train import RunStopped, rl_step
+from mssr_megatron.train import RunStopped, benchmark_eval, rl_step
 from mssr_megatron.config import RunConfig
 from mssr_megatron.metrics import StepTimer
 from mssr_megatron.rollout.weight_export import sync_weights
@@ -53,8 +53,13 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
     # the step whose checkpoint is on disk; at step 0 there is nothing to save (and no optimizer state)
     on_disk = ctx.step if run_checkpoint.maybe_resume(ctx) else None
     if on_disk is None and not stop.agreed() and initialize_tracker(ctx, stop):
+        before = {}
         if cfg.trainer.val_before_train and ctx.val is not None and not stop.agreed():
-            ctx.logger.log(0, validate(ctx))
+            before.update(validate(ctx))
+        if cfg.trainer.eval_every and not stop.agreed():  # the initial policy's scores: the curve's first point
+            before.update(benchmark_eval.evaluate(ctx))
+        if before:
+            ctx.logger.log(0, before)
     nonfinite_steps = 0
     while ctx.step < cfg.trainer.total_steps and not stop.agreed():
         try:
@@ -73,6 +78,8 @@ def _run(ctx: RunContext, stop: "_PreemptionFlag") -> dict:
                       ctx.actor.nonfinite, nonfinite_steps, cfg.trainer.max_nonfinite_steps)
         if ctx.val is not None and cfg.trainer.val_every and ctx.step % cfg.trainer.val_every == 0:
             metrics.update(validate(ctx))
+        if cfg.trainer.eval_every and ctx.step % cfg.trainer.eval_every == 0:
+            metrics.update(benchmark_eval.evaluate(ctx))
         ctx.logger.log(ctx.step, metrics)
         if nonfinite_steps > cfg.trainer.max_nonfinite_steps:
             run_checkpoint.save(ctx)
