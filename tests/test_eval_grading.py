@@ -97,3 +97,20 @@ def test_grade_responses_without_judge_is_rule_only():
     assert [(g.method, g.correct) for g in grades] == [("rule", True), ("rule", False), ("rule", True)]
     with pytest.raises(ValueError, match="3 samples but 2 responses"):
         grade_responses(samples, ["a", "b"], JudgeConfig(), None)
+
+
+def test_a_free_form_answer_that_hangs_sympy_is_wrong_after_the_time_limit_not_a_hang(monkeypatch):
+    import time
+
+    from mssr_megatron.eval import grading
+
+    # rewards/grader.py's pathological case: math-verify never returns on this tower against 5
+    monkeypatch.setattr(grading, "GRADE_TIMEOUT_S", 3.0)
+    samples = [_sample("5", "free_form"), _sample("0.5", "free_form"), _sample("yes", "yes_no")]
+    start = time.monotonic()
+    grades = grade_responses(samples, ["\\boxed{9^{9^{9^{9^{9}}}}}", "\\boxed{\\frac{1}{2}}", "\\boxed{yes}"],
+                             JudgeConfig(url=None), None)
+    assert time.monotonic() - start < 30
+    assert (grades[0].correct, grades[0].extracted) == (False, "9^{9^{9^{9^{9}}}}")
+    assert "timeout" in grades[0].error
+    assert [(g.correct, g.error) for g in grades[1:]] == [(True, None), (True, None)]

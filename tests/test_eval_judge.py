@@ -175,7 +175,7 @@ def test_judgements_are_cached_and_a_rerun_does_not_ask_again(port, tmp_path):
 
 def test_no_more_than_concurrency_requests_in_flight(port):
     samples = [free_form(str(i)) for i in range(8)]
-    grades = grade_responses(samples, [f"\\boxed{{5}} [[judge:hold=0.2]] {i}" for i in range(8)],
+    grades = grade_responses(samples, [f"\\boxed{{5}} [[judge:hold=1.0]] {i}" for i in range(8)],
                              judge_cfg(port, concurrency=3), None)
     assert all(g.method == "judge" for g in grades)
     assert stats(port)["requests"] == 8 and stats(port)["max_in_flight"] == 3
@@ -188,7 +188,9 @@ def test_a_dead_endpoint_falls_back_at_once_after_one_probe():
     start = time.monotonic()
     grades = grade_responses([free_form(str(i)) for i in range(20)], ["\\boxed{5}"] * 20,
                              judge_cfg(dead, timeout_s=0.5, retries=3, backoff_s=0.5), None)
-    assert time.monotonic() - start < 2.0  # not 20 x (4 attempts + 3.5 s of backoff) / 4 in flight = 17.5 s
+    # not 20 x (4 attempts + 3.5 s of backoff) / 4 in flight = 17.5 s; the bound leaves room for the rule grading's
+    # worker processes to start on a loaded machine
+    assert time.monotonic() - start < 10.0
     assert {g.method for g in grades} == {"rule_fallback"} and all(g.correct for g in grades)
     assert grades[0].error.startswith(f"unreachable: GET http://127.0.0.1:{dead}/v1/models failed (connection: ")
 

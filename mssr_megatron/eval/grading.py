@@ -11,6 +11,10 @@ training: rewards.extract_answer):
   extract_choice_letter) or is exactly one option's text (sample.choices); it must be the gold letter.
 * yes_no: exactly one of the words "yes"/"no" (any case) in the final answer, equal to the gold.
 
+In `grade_responses` the free-form comparison runs in the training reward's worker processes (rewards.grader: sympy
+can hang on a pathological answer), under the same per-answer time limit; an answer that overruns is wrong, with the
+reason in `Grade.error`. Option letters and yes/no are string matches, linear in the response, and run inline.
+
 With a judge (judge.url set), every free_form and choice response is judged (judge.py); a response whose judgement
 failed after the retries (or all of them, if the endpoint is unreachable) gets its rule grade with method
 'rule_fallback' and `error` saying why. yes_no questions are graded by rule even with a judge, as the authors do for
@@ -26,8 +30,14 @@ from mssr_megatron.eval.config import JudgeConfig
 from mssr_megatron.eval.types import EvalSample, Grade
 from mssr_megatron.rewards import extract_answer, extract_choice_letter, math_equal, strip_math_delimiters
 from mssr_megatron.rewards.extract import gold_answer
+from mssr_megatron.rewards.grader import score_batch
 
 __all__ = ["grade_rule", "grade_responses", "choice_letter", "yes_no"]
+
+GRADE_WORKERS = 2
+"""Worker processes of the free-form comparison (as data.reward_workers)."""
+GRADE_TIMEOUT_S = 5.0
+"""Wall-clock limit per free-form answer (as data.reward_timeout_s)."""
 
 _LETTERS = "ABCDEFGHIJ"
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
@@ -84,6 +94,13 @@ def _free_form_equal(pred: str, gold: str) -> bool:
         return False
 
 
+def free_form_score(response: str, answer: str) -> float:
+    """1.0 when the response's final answer equals the free-form gold `answer` (module docstring), else 0.0: the
+    rule in the reward-function form the worker processes run (a top-level function, so it pickles)."""
+    final = extract_answer(response)
+    return float(final is not None and _free_form_equal(final, gold_answer(answer)))
+
+
 def grade_rule(sample: EvalSample, response: str) -> Grade:
     """Grade one response by rule (module docstring). Returns Grade(extracted, correct, method='rule'); `extracted`
     is the option letter / 'yes' / 'no' when one was recognised, else the final answer text, None when there is none.
@@ -103,6 +120,21 @@ def grade_rule(sample: EvalSample, response: str) -> Grade:
     raise ValueError(f"{sample.key}: unknown answer_type {sample.answer_type!r}; known: free_form, choice, yes_no")
 
 
+def _grade_by_rule(samples: Sequence[EvalSample], responses: Sequence[str]) -> list[Grade]:
+    """grade_rule of each pair, with the free-form comparisons in worker processes under GRADE_TIMEOUT_S."""
+    free = [i for i, s in enumerate(samples) if s.answer_type == "free_form"]
+    grades: list[Grade | None] = [None if s.answer_type == "free_form" else grade_rule(s, r)
+                                  for s, r in zip(samples, responses)]
+    if free:
+        scored = score_batch([responses[i] for i in free], [samples[i].answer for i in free], reward=free_form_score,
+                             num_workers=GRADE_WORKERS, timeout_s=GRADE_TIMEOUT_S)
+        failures = dict(scored.failures)
+        for j, i in enumerate(free):
+            grades[i] = Grade(extracted=extract_answer(responses[i]), correct=scored.correct[j] == 1.0, method="rule",
+                              error=failures.get(j))
+    return grades  # type: ignore[return-value]
+
+
 def grade_responses(samples: Sequence[EvalSample], responses: Sequence[str], judge: JudgeConfig,
                     cache_dir: str | None) -> list[Grade]:
     """Grade responses[i] against samples[i]: by rule when judge.url is null; else by the judge (cached in
@@ -110,7 +142,7 @@ def grade_responses(samples: Sequence[EvalSample], responses: Sequence[str], jud
     Returns one Grade per response, in order."""
     if len(samples) != len(responses):
         raise ValueError(f"{len(samples)} samples but {len(responses)} responses")
-    rule = [grade_rule(s, r) for s, r in zip(samples, responses)]
+    rule = _grade_by_rule(samples, responses)
     if not judge.url:
         return rule
     from mssr_megatron.eval.judge import judge_responses  # http client only when a judge is configured

@@ -10,9 +10,10 @@ An evaluation folder (`mssr eval --out DIR`, or `<run>/eval/step_<N>/` inside tr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from mssr_megatron.data.records import Record
+if TYPE_CHECKING:  # not at import: grading's worker processes import this module, and the data package pulls torch
+    from mssr_megatron.data.records import Record
 
 AnswerType = Literal["free_form", "choice", "yes_no"]
 GradeMethod = Literal["rule", "judge", "rule_fallback"]
@@ -52,6 +53,8 @@ class EvalSample:
 
     def as_record(self) -> Record:
         """The training-data record of this question (prompt_id = key), so prompts are built as in training."""
+        from mssr_megatron.data.records import Record
+
         return Record(prompt_id=self.key, problem=self.question, answer=self.answer, images=list(self.images),
                       sizes=list(self.sizes))
 
@@ -88,7 +91,8 @@ class Grade:
     judge_reply: str | None = None
     """The judge's raw reply text, when it was asked."""
     error: str | None = None
-    """Why the judge's verdict is missing (timeout, HTTP error, malformed reply), for 'rule_fallback'."""
+    """Why the judge's verdict is missing (timeout, HTTP error, malformed reply), for 'rule_fallback'; or why a rule
+    grade is wrong without a comparison (the free-form comparison overran its time limit or raised)."""
 
 
 @dataclass
