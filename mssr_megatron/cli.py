@@ -56,6 +56,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
           f"{history[-1]['val_greedy_accuracy']:.3f}; always-the-most-common-answer floor "
           f"{manifest['val_floor_accuracy']:.3f})")
     print(f"data: {manifest['train_path']}, {manifest['val_path']}")
+    print(f"benchmark suite: {manifest['eval_suite']} "
+          f"(mssr eval --model {manifest['model_dir']} --suite {manifest['eval_suite']})")
     return 0
 
 
