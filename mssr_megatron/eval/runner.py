@@ -222,7 +222,8 @@ def summarize(sets: Sequence[BenchmarkSet], done: dict[tuple[str, str, int], Sam
                 else:
                     graded_by[r.method] += 1
         total = len(s.samples)
-        benchmarks[s.name] = {"accuracy": correct / total if total else None, "correct": correct, "total": total,
+        benchmarks[s.name] = {"reader": s.reader, "accuracy": correct / total if total else None, "correct": correct,
+                              "total": total,
                               "skipped": dict(s.skipped), "graded_by": graded_by, "errors": errors}
     scored = [b["accuracy"] for b in benchmarks.values() if b["accuracy"] is not None]
     return {"model": model, "step": step, "suite": cfg.suite, "k": cfg.k, "temperature": cfg.temperature,
