@@ -220,6 +220,7 @@ def test_eval_command_runs_the_runner_and_writes_the_report(tmp_path, capsys, mo
 
     def evaluate_model(model, suite, out_dir, overrides):
         calls.append((model, suite, out_dir, overrides))
+        write_results(out_dir, results)  # as the real runner's run_eval does
         return results
 
     fake_runner = types.ModuleType("mssr_megatron.eval.runner")

@@ -229,8 +229,6 @@ def _train_worker(rank: int, runs: list) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_suite(tmp_path_factory):
-    pytest.importorskip("mssr_megatron.eval.suite")
-    pytest.importorskip("mssr_megatron.eval.grading")
     from mssr_megatron.eval.suite import read_suite
     from mssr_megatron.eval.tiny_suite import write_tiny_suite
 
@@ -275,6 +273,41 @@ def test_training_logs_benchmark_accuracy_and_its_checkpoint_evaluates(tmp_path,
         step2 = json.load(fh)
     assert step2["step"] == 2 and metrics[2]["eval/average"] == pytest.approx(step2["average"])
 
+    from mssr_megatron.plots import plot_runs  # `mssr plot` draws the benchmark curves
+
+    figures = plot_runs([str(run_dir)], str(tmp_path / "plots"))
+    assert os.path.join(str(tmp_path / "plots"), "eval.png") in figures
+
     results = evaluate_model(str(run_dir), suite, str(tmp_path / "offline"), settings)
     assert results["step"] == 2 and os.path.isfile(tmp_path / "offline" / "model_hf" / "config.json")
     assert sorted(results["benchmarks"]) == sorted(names)
+
+
+@pytest.mark.slow
+def test_mssr_eval_command_prints_the_table_and_reuses_finished_samples(tmp_path, tiny_suite):
+    """`mssr eval` in a process of its own on a tiny model and the tiny suite: the table is printed and written; a
+    second run with a larger eval.limit generates only the questions the first did not."""
+    import subprocess
+    import sys
+
+    from mssr_megatron.models.tiny_hf import build_tiny_model_dir
+
+    suite, names = tiny_suite
+    model = build_tiny_model_dir(tmp_path / "model", seed=0)
+    out = tmp_path / "out"
+
+    def mssr_eval(*settings):
+        cmd = [sys.executable, "-m", "mssr_megatron.cli", "eval", "--model", str(model), "--suite", suite,
+               "--out", str(out), "eval.max_new_tokens=4", *settings]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    first = mssr_eval("eval.limit=2")
+    assert "| **average** |" in first.stdout and all(f"| {name} |" in first.stdout for name in names)
+    assert (out / "results.md").read_text() in first.stdout
+    second = mssr_eval("eval.limit=3")
+    total = 3 * len(names)
+    assert f"{2 * len(names)} of {total} questions cached, {len(names)} to generate" in second.stderr
+    with open(out / "samples.jsonl") as fh:
+        assert sum(1 for _ in fh) == total

@@ -271,8 +271,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from mssr_megatron.eval.runner import evaluate_model
 
     out = args.out or os.path.join("runs", "eval", os.path.basename(os.path.normpath(args.model)))
-    results = evaluate_model(args.model, args.suite, out, list(args.overrides))
-    paths = write_results(out, results)
+    results = evaluate_model(args.model, args.suite, out, list(args.overrides))  # writes results.json and .md
+    paths = [os.path.join(out, RESULTS_FILE), os.path.join(out, RESULTS_MARKDOWN)]
     print(format_results(results), end="")
     print(f"\nresults: {', '.join(paths)}; samples: {os.path.join(out, SAMPLES_FILE)}")
     return 0

@@ -28,14 +28,14 @@ from typing import Callable, Sequence
 
 from mssr_megatron.eval.config import EvalConfig
 from mssr_megatron.eval.types import (
-    RESULTS_FILE,
     SAMPLES_FILE,
     BenchmarkSet,
     EvalSample,
     Grade,
     SampleResult,
 )
-from mssr_megatron.metrics import atomic_write_text, json_safe
+from mssr_megatron.eval.report import write_results
+from mssr_megatron.metrics import atomic_write_text
 from mssr_megatron.rollout.protocol import Rollout, SamplingParams
 
 log = logging.getLogger("mssr")
@@ -200,7 +200,7 @@ def run_eval(engine, sets: Sequence[BenchmarkSet], prompt_format, processor, cfg
         if bar is not None:
             bar.close()
     results = summarize(sets, done, cfg, model=model, step=step)
-    atomic_write_text(os.path.join(out_dir, RESULTS_FILE), json.dumps(json_safe(results), indent=1) + "\n")
+    write_results(out_dir, results)  # results.json + results.md
     return results
 
 
