@@ -60,3 +60,10 @@ def backtrack_on_marker(response: str, answer: str) -> float:
 for _name, _fn in (("test_hang", hang_on_marker), ("test_raise", raise_on_marker)):
     if _name not in REWARDS:
         REWARDS.register(_name)(_fn)
+
+
+def score_with_a_shared_pool() -> None:
+    """Body of a spawned child: leaves score_batch's shared worker pool running, as a training rank does."""
+    from mssr_megatron.rewards import score_batch
+
+    assert score_batch(["\\boxed{1}"], ["1"], num_workers=1, timeout_s=5.0).correct == [1.0]

@@ -334,3 +334,18 @@ def test_score_batch_reuses_pool():
         assert a.correct == [1.0] and b.correct == [0.0] and b.scores == [0.0]
     finally:
         close_shared_graders()
+
+
+@pytest.mark.slow
+def test_a_spawned_child_with_a_shared_pool_exits():
+    # a multiprocessing child runs no atexit handler and joins its child processes on exit: the shared pool's idle
+    # workers must be stopped first, or the child never exits (a hung mp.spawn rank)
+    import multiprocessing as mp
+
+    child = mp.get_context("spawn").Process(target=reward_helpers.score_with_a_shared_pool)
+    child.start()
+    child.join(timeout=120)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0

@@ -26,6 +26,7 @@ import atexit
 import ctypes
 import math
 import multiprocessing as mp
+import multiprocessing.util
 import os
 import pickle
 import signal
@@ -299,6 +300,9 @@ def close_shared_graders() -> None:
 
 
 atexit.register(close_shared_graders)
+# A multiprocessing child (a rank started by mp.spawn) exits without running atexit handlers: its exit joins every
+# child process first, and the pools' idle workers would never end. Finalizers with a priority run before that join.
+mp.util.Finalize(None, close_shared_graders, exitpriority=100)
 
 
 def score_batch(responses: list[str], answers: list[str], reward: str | RewardFn = "math",
