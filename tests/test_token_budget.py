@@ -179,3 +179,20 @@ def test_budget_microbatches_give_the_loss_and_gradients_of_fixed_ones(tmp_path)
         assert any(g.abs().sum() > 0 for g in fixed[mode]["grads"].values())
         for name, grad in fixed[mode]["grads"].items():
             torch.testing.assert_close(budget[mode]["grads"][name], grad, rtol=0, atol=1e-5, msg=f"{mode} {name}")
+
+
+def test_bench_counts_the_padding_of_the_microbatches():
+    from mssr_megatron.bench.padding import microbatch_stats
+    from mssr_megatron.train.experience import Experience
+
+    grids = [None if n == 0 else torch.tensor([[1, 4, n // 4]]) for n in PATCHES]
+    exp = Experience(prompt_keys=list(range(6)), group_index=torch.arange(6), rewards=torch.ones(6),
+                     input_ids=torch.ones(6, 64, dtype=torch.long), position_ids=torch.zeros(3, 6, 64, dtype=torch.long),
+                     response_mask=torch.zeros(6, 63), rollout_logprobs=torch.zeros(6, 63),
+                     pixel_values=[None if g is None else torch.zeros(int(g.prod()), 1) for g in grids],
+                     image_grid_thw=grids, lengths=torch.tensor(TOKENS))
+    parts = [torch.tensor(b) for b in ([1, 4], [2, 3], [0, 5])]
+    stats = microbatch_stats(exp, exp.batches_of(parts, width_multiple=8))
+    # the hand-worked packing above: widths 32, 16, 8; costs 80, 96, 32
+    assert stats == {"microbatches": 3, "token_slots": 112, "real_tokens": 77, "padding_fraction": 35 / 112,
+                     "vision_patches": 96, "max_cost": 96, "sizes": [2, 2, 2]}
