@@ -196,3 +196,37 @@ def test_bench_counts_the_padding_of_the_microbatches():
     # the hand-worked packing above: widths 32, 16, 8; costs 80, 96, 32
     assert stats == {"microbatches": 3, "token_slots": 112, "real_tokens": 77, "padding_fraction": 35 / 112,
                      "vision_patches": 96, "max_cost": 96, "sizes": [2, 2, 2]}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from trainer_assets import build_assets
+
+    return build_assets(str(tmp_path_factory.mktemp("assets")))
+
+
+@pytest.mark.slow
+def test_bench_reports_token_budget_and_fixed_microbatches(tmp_path, assets):
+    """`mssr bench` with a budget: the RL steps run through trainer.train_step with it, and the report holds both
+    splits' padding and the interleaved update-time ratio."""
+    import json
+    import subprocess
+    import sys
+
+    from trainer_assets import overrides
+
+    out = tmp_path / "bench.json"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "mssr_megatron.cli", "bench", "examples/configs/tiny_cpu.yaml",
+           *overrides(assets, str(tmp_path / "run"), "parallel.max_tokens_per_microbatch=96"), "--out", str(out),
+           "--warmup", "0", "--repeats", "1", "--no-hf-compare"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    micro = result["microbatches"]
+    assert micro["fixed"]["sizes"] == [2] * 4  # 8 rows in mini-batches of 4, micro-batches of 2
+    assert sum(micro["configured"]["sizes"]) == 8 and micro["configured"]["sizes"] != micro["fixed"]["sizes"]
+    assert micro["configured"]["real_tokens"] == micro["fixed"]["real_tokens"]
+    assert micro["configured"]["padding_fraction"] <= micro["fixed"]["padding_fraction"]
+    assert "update_fixed_microbatches" in result["phases"] and result["token_budget"]["time_ratio"] > 0
+    assert "update micro-batches (configured)" in proc.stdout and "token-budget / fixed" in proc.stdout
