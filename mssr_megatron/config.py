@@ -86,7 +86,7 @@ class ParallelConfig:
     micro_batch_size: int = 1
     """Rollouts per micro-batch (one forward/backward) on each data-parallel rank."""
     max_tokens_per_microbatch: int | None = None
-    """Token budget per micro-batch (rows x padded width + image patches, train/token_budget.py); null = micro_batch_size rows."""
+    """Micro-batch token budget (rows x padded width + image patches: train/token_budget.py); null: fixed rows."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: 'auto' = nccl with CUDA, gloo otherwise."""
     timeout_minutes: float = 60.0

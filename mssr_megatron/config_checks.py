@@ -103,8 +103,8 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
     a, b = cfg.algorithm, cfg.algorithm.baseline
     _finite_numbers(cfg)
     _positive(cfg, "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
-              "parallel.micro_batch_size", "parallel.max_tokens_per_microbatch", "parallel.timeout_minutes", "rollout.n", "rollout.max_new_tokens",
-              "rollout.engine_tp_size",
+              "parallel.micro_batch_size", "parallel.timeout_minutes", "rollout.n", "rollout.max_new_tokens",
+              "rollout.engine_tp_size", "parallel.max_tokens_per_microbatch",
               "rollout.weight_bucket_mb", "rollout.val_max_new_tokens", "rollout.temperature", "rollout.hf_batch_size",
               "algorithm.shaping_kappa", "algorithm.norm_var_floor", "algorithm.baseline.kl_target",
               "algorithm.baseline.kl_window", "algorithm.baseline.spo_d_half", "algorithm.baseline.n0",

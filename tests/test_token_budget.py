@@ -187,7 +187,8 @@ def test_bench_counts_the_padding_of_the_microbatches():
 
     grids = [None if n == 0 else torch.tensor([[1, 4, n // 4]]) for n in PATCHES]
     exp = Experience(prompt_keys=list(range(6)), group_index=torch.arange(6), rewards=torch.ones(6),
-                     input_ids=torch.ones(6, 64, dtype=torch.long), position_ids=torch.zeros(3, 6, 64, dtype=torch.long),
+                     input_ids=torch.ones(6, 64, dtype=torch.long),
+                     position_ids=torch.zeros(3, 6, 64, dtype=torch.long),
                      response_mask=torch.zeros(6, 63), rollout_logprobs=torch.zeros(6, 63),
                      pixel_values=[None if g is None else torch.zeros(int(g.prod()), 1) for g in grids],
                      image_grid_thw=grids, lengths=torch.tensor(TOKENS))

@@ -10,6 +10,9 @@ Cost of a micro-batch of rows R (what one forward/backward computes):
     patches(r) = sum over row r's images of t * h * w of its image_grid_thw, i.e. the vision tower's patches BEFORE the
                spatial merge (what the vision tower computes on; the language model sees patches / merge_size**2)
 
+With algorithm.crossmodal_coef > 0 each micro-batch also runs the text-only copies of its rows (train/crossmodal.py),
+which the cost above does not count: the language-model work is then up to twice the budget's token part.
+
 Packing is first-fit decreasing: rows in order of width, then patches, both descending (then row index); each goes into
 the first micro-batch it fits in (cost after adding it <= budget), or opens a new one. Sorting by width groups rows of
 similar length, so the padding stays small. A row whose own cost is over the budget gets a micro-batch of its own
