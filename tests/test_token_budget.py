@@ -114,12 +114,13 @@ def _step_rows(hf_config):
     return exp, torch.randn(6, exp.input_ids.shape[1] - 1, generator=g)
 
 
-def _exact_worker(rank: int, out: str) -> None:
+def _exact_worker(rank: int, world: int, micro_batch_size: int, out_dir: str) -> None:
+    """Fixed vs budget micro-batches on the 6 rows of `_step_rows`, at data-parallel size `world` (TP = PP = 1)."""
     from mssr_megatron.algorithms.losses import LOSS_AGG_MODES, compute_policy_loss
     from mssr_megatron.config import AlgorithmConfig, ModelConfig, OptimizerConfig
     from mssr_megatron.models.tiny_hf import tiny_qwen2_5_vl_config
     from mssr_megatron.parallel import destroy_megatron, init_megatron
-    from mssr_megatron.train import rl_step
+    from mssr_megatron.train import rl_step, token_budget
     from mssr_megatron.train.actor import MegatronActor
 
     init_megatron(1, 1, seed=0)
@@ -128,10 +129,12 @@ def _exact_worker(rank: int, out: str) -> None:
         model_cfg = ModelConfig(params_dtype="float32")
         actor = MegatronActor(hf_config, model_cfg, OptimizerConfig(lr=0.0, weight_decay=0.0, grad_clip=0.0), 10)
         exp, advantages = _step_rows(hf_config)
-        rows = torch.arange(6)
-        results = {}
+        rows = torch.arange(6).chunk(world)[rank]  # rl_step.data_parallel_rows: contiguous blocks
+        advantages = advantages[rows]
+        results = {"lengths": exp.lengths[rows].tolist(), "own_count": len(token_budget.budget_parts(
+            rows, exp.lengths, exp.image_grid_thw, 120, 8, exp.input_ids.shape[1]))}
         for name, budget in (("fixed", None), ("budget", 120)):
-            cfg = RunConfig(model=model_cfg, parallel=ParallelConfig(micro_batch_size=2,
+            cfg = RunConfig(model=model_cfg, parallel=ParallelConfig(micro_batch_size=micro_batch_size,
                                                                      max_tokens_per_microbatch=budget))
             cfg.optimizer.mini_batch_size = 6
             ctx = types.SimpleNamespace(cfg=cfg, actor=actor, blocked_ids=[])
@@ -155,48 +158,52 @@ def _exact_worker(rank: int, out: str) -> None:
                 rl_step.update_policy(ctx, exp, rows, advantages, old, old + 0.1)
                 grads = {n: p.main_grad.detach().clone() for n, p in actor.module.named_parameters()}
                 results[name][mode] = {"loss": float(sum(losses)), "grads": grads}
-        results["lengths"] = exp.lengths.tolist()
-        torch.save(results, out)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         destroy_megatron()
+
+
+def _assert_same_step(fixed: dict, budget: dict, lengths: list[int]) -> None:
+    from mssr_megatron.algorithms.losses import LOSS_AGG_MODES
+
+    for i, n in enumerate(lengths):  # back in row order; real columns agree (padding ones hold any value)
+        for key in ("logprobs", "entropy"):
+            torch.testing.assert_close(budget[key][i, : n - 1], fixed[key][i, : n - 1], rtol=0, atol=1e-5)
+    for mode in LOSS_AGG_MODES:
+        assert any(g.abs().sum() > 0 for g in fixed[mode]["grads"].values())
+        for name, grad in fixed[mode]["grads"].items():
+            torch.testing.assert_close(budget[mode]["grads"][name], grad, rtol=0, atol=1e-5, msg=f"{mode} {name}")
 
 
 @pytest.mark.slow
 def test_budget_microbatches_give_the_loss_and_gradients_of_fixed_ones(tmp_path):
     from mssr_megatron.algorithms.losses import LOSS_AGG_MODES
 
-    out = tmp_path / "result.pt"
-    spawn(_exact_worker, 1, str(out))
-    r = torch.load(out)
+    spawn(_exact_worker, 1, 1, 2, str(tmp_path))
+    r = torch.load(tmp_path / "rank0.pt")
     fixed, budget = r["fixed"], r["budget"]
     assert fixed["parts"] == [[0, 1], [2, 3], [4, 5]]
     assert budget["parts"] != fixed["parts"] and len({len(p) for p in budget["parts"]}) > 1, budget["parts"]
-    for i, n in enumerate(r["lengths"]):  # back in row order; real columns agree (padding ones hold any value)
-        for key in ("logprobs", "entropy"):
-            torch.testing.assert_close(budget[key][i, : n - 1], fixed[key][i, : n - 1], rtol=0, atol=1e-5)
+    _assert_same_step(fixed, budget, r["lengths"])
     for mode in LOSS_AGG_MODES:
         assert budget[mode]["loss"] == pytest.approx(fixed[mode]["loss"], abs=1e-5), mode
-        assert any(g.abs().sum() > 0 for g in fixed[mode]["grads"].values())
-        for name, grad in fixed[mode]["grads"].items():
-            torch.testing.assert_close(budget[mode]["grads"][name], grad, rtol=0, atol=1e-5, msg=f"{mode} {name}")
 
 
-def test_bench_counts_the_padding_of_the_microbatches():
-    from mssr_megatron.bench.padding import microbatch_stats
-    from mssr_megatron.train.experience import Experience
+@pytest.mark.slow
+def test_budget_microbatches_at_two_data_parallel_ranks(tmp_path):
+    """DP = 2 (real gloo processes): the ranks' own packings differ in count, the budget split runs the same count on
+    both, and the step's loss (summed over ranks) and all-reduced gradients equal the fixed split's."""
+    from mssr_megatron.algorithms.losses import LOSS_AGG_MODES
 
-    grids = [None if n == 0 else torch.tensor([[1, 4, n // 4]]) for n in PATCHES]
-    exp = Experience(prompt_keys=list(range(6)), group_index=torch.arange(6), rewards=torch.ones(6),
-                     input_ids=torch.ones(6, 64, dtype=torch.long),
-                     position_ids=torch.zeros(3, 6, 64, dtype=torch.long),
-                     response_mask=torch.zeros(6, 63), rollout_logprobs=torch.zeros(6, 63),
-                     pixel_values=[None if g is None else torch.zeros(int(g.prod()), 1) for g in grids],
-                     image_grid_thw=grids, lengths=torch.tensor(TOKENS))
-    parts = [torch.tensor(b) for b in ([1, 4], [2, 3], [0, 5])]
-    stats = microbatch_stats(exp, exp.batches_of(parts, width_multiple=8))
-    # the hand-worked packing above: widths 32, 16, 8; costs 80, 96, 32
-    assert stats == {"microbatches": 3, "token_slots": 112, "real_tokens": 77, "padding_fraction": 35 / 112,
-                     "vision_patches": 96, "max_cost": 96, "sizes": [2, 2, 2]}
+    spawn(_exact_worker, 2, 2, 1, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["own_count"] != ranks[1]["own_count"], [r["own_count"] for r in ranks]
+    assert len(ranks[0]["budget"]["parts"]) == len(ranks[1]["budget"]["parts"])
+    for r in ranks:
+        _assert_same_step(r["fixed"], r["budget"], r["lengths"])
+    for mode in LOSS_AGG_MODES:
+        total = [sum(r[name][mode]["loss"] for r in ranks) for name in ("fixed", "budget")]
+        assert total[1] == pytest.approx(total[0], abs=1e-5), mode
 
 
 @pytest.fixture(scope="module")
