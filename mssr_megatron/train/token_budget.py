@@ -20,8 +20,8 @@ similar length, so the padding stays small. A row whose own cost is over the bud
 
 Every data-parallel rank must run the same number of micro-batches (one schedule per optimizer step, the same
 gradient-reduction calls on every rank): `equal_count` splits the costliest micro-batches (those with >= 2 rows) in
-two until a rank has the count the busiest rank needs. Rows are not moved between ranks (each rank keeps its
-data_parallel_rows slice, which the algorithm pipeline reads).
+two until a rank has the count the busiest rank needs. Rows are not moved between ranks: each rank keeps its
+contiguous rl_step.data_parallel_rows block, which the algorithm pipeline's per-row gathers (gather_rows) assume.
 
 Losses stay exact: every loss term divides by the mini-batch's global token (or sequence) count
 (algorithms/losses.py `normalizer`), and a row lies wholly in one micro-batch, so any grouping of the rows sums to the
