@@ -85,6 +85,8 @@ class ParallelConfig:
     """Shard optimizer states and fp32 main weights across data-parallel ranks (Megatron distributed optimizer)."""
     micro_batch_size: int = 1
     """Rollouts per micro-batch (one forward/backward) on each data-parallel rank."""
+    max_tokens_per_microbatch: int | None = None
+    """Micro-batch token budget (rows x padded width + image patches: train/token_budget.py); null: fixed rows."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: 'auto' = nccl with CUDA, gloo otherwise."""
     timeout_minutes: float = 60.0

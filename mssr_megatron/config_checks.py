@@ -104,7 +104,7 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
     _finite_numbers(cfg)
     _positive(cfg, "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
               "parallel.micro_batch_size", "parallel.timeout_minutes", "rollout.n", "rollout.max_new_tokens",
-              "rollout.engine_tp_size",
+              "rollout.engine_tp_size", "parallel.max_tokens_per_microbatch",
               "rollout.weight_bucket_mb", "rollout.val_max_new_tokens", "rollout.temperature", "rollout.hf_batch_size",
               "algorithm.shaping_kappa", "algorithm.norm_var_floor", "algorithm.baseline.kl_target",
               "algorithm.baseline.kl_window", "algorithm.baseline.spo_d_half", "algorithm.baseline.n0",
@@ -135,6 +135,11 @@ def check_run_config(cfg: Any, world_size: int | None = None) -> None:
     _require(not p.sequence_parallel or p.tensor_model_parallel_size > 1,
              "parallel.sequence_parallel splits activations over the tensor-parallel ranks and needs "
              f"parallel.tensor_model_parallel_size > 1 (got {p.tensor_model_parallel_size}); set it false at TP 1")
+    _require(p.max_tokens_per_microbatch is None or p.pipeline_model_parallel_size == 1,
+             f"parallel.max_tokens_per_microbatch={p.max_tokens_per_microbatch} makes micro-batches of different row "
+             "counts, but a pipeline pass exchanges one fixed [rows, sequence] shape between stages: set "
+             "parallel.max_tokens_per_microbatch=null (fixed parallel.micro_batch_size) with "
+             f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}")
     device = cfg.trainer.device
     if device == "cpu":
         _require(p.backend != "nccl", "parallel.backend=nccl needs CUDA; use gloo (or auto) with trainer.device=cpu")

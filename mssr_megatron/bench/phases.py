@@ -208,6 +208,10 @@ def bench_update(ctx, rec: StepRecord, *, warmup: int, repeats: int, device, hf_
     crossmodal = ctx.cfg.algorithm.crossmodal_coef != 0.0
     if crossmodal:  # the same update without the regulariser, interleaved with it: its cost in this run
         fns["update_no_crossmodal"] = lambda: without_crossmodal(ctx, megatron)
+    if ctx.cfg.parallel.max_tokens_per_microbatch is not None:  # token budget vs fixed micro-batches, same run
+        from mssr_megatron.bench.padding import with_fixed_microbatches
+
+        fns["update_fixed_microbatches"] = lambda: with_fixed_microbatches(ctx, megatron)
     if hf_baseline:
         from mssr_megatron.bench.hf_baseline import HFBaseline
 

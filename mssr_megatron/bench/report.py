@@ -21,6 +21,7 @@ PHASE_LABELS = {
     "logprobs": "log-prob recompute (old-policy fwd)",
     "update": "training update (Megatron)",
     "update_no_crossmodal": "training update without cross-modal KL",
+    "update_fixed_microbatches": "training update, fixed micro-batches",
     "hf_update": "training update (plain HF, same data)",
     "weight_sync": "weight sync (actor -> engine)",
 }
@@ -97,6 +98,14 @@ def format_table(result: dict) -> str:
     if xm:
         lines.append(f"cross-modal regulariser (coef {xm['coef']:g}): update time {xm['time_ratio']:.2f}x of the same "
                      f"update without it ({xm['time_ratio_paired_median']:.2f}x median of the interleaved pairs)")
+    for name, s in result.get("microbatches", {}).items():
+        lines.append(f"update micro-batches ({name}): {s['microbatches']} per epoch, padding "
+                     f"{100 * s['padding_fraction']:.1f}% of {s['token_slots']} token slots, {s['vision_patches']} "
+                     f"vision patches, largest rows x width + patches {s['max_cost']}")
+    tb = result.get("token_budget")
+    if tb:
+        lines.append(f"token-budget / fixed micro-batches update time: {tb['time_ratio']:.2f}x of the medians, "
+                     f"{tb['time_ratio_paired_median']:.2f}x median of the interleaved pairs")
     hf = result.get("hf_compare")
     if hf:
         lines.append(f"Megatron / HF update time: {hf['time_ratio']:.2f}x of the medians, "

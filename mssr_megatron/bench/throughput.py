@@ -141,6 +141,7 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
         per_rank = _gather(peak["per_device_flops_per_s"], world)
         peak.update(flops_per_s=sum(per_rank), per_rank_flops_per_s=per_rank,
                     label=peak["label"].replace(f", x{world} ranks", f", on all {world} ranks at once, summed"))
+    micro = _microbatch_stats(ctx, last)
     rss = D.max_rss_bytes()
     all_rss = _gather(rss, world)
     if ctx.rank != 0:
@@ -148,7 +149,7 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
 
     engine_devices = 1 if cfg.rollout.engine == "hf" else cfg.rollout.engine_tp_size
     add_rates(phases["generation"], peak["per_device_flops_per_s"] * engine_devices)
-    for key in ("logprobs", "update", "update_no_crossmodal", "hf_update"):
+    for key in ("logprobs", "update", "update_no_crossmodal", "update_fixed_microbatches", "hf_update"):
         if key in phases:
             add_rates(phases[key], peak["flops_per_s"])
     exp = last.first("make_experience")[2]
@@ -166,8 +167,15 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
         "memory": {"phase_memory_kind": phases["update"].get("memory_kind", "-"), "max_rss_bytes": rss,
                    "max_rss_bytes_all_ranks": max(all_rss), "max_rss_bytes_per_rank": all_rss,
                    "max_rss_kind": "process max RSS (resource.getrusage ru_maxrss) over the whole run"},
-        "params_rank0": n_params,
+        "params_rank0": n_params, "microbatches": micro,
     }
+    if "update_fixed_microbatches" in phases:
+        b, f = phases["update"], phases["update_fixed_microbatches"]
+        result["token_budget"] = {
+            "budget": cfg.parallel.max_tokens_per_microbatch, "time_ratio": b["median_s"] / f["median_s"],
+            "time_ratio_paired_median": statistics.median(x / y for x, y in zip(b["seconds"], f["seconds"])),
+            "what": "the update with token-budget micro-batches over the same update with fixed "
+                    f"micro-batches of {cfg.parallel.micro_batch_size} rows, timed interleaved"}
     if "update_no_crossmodal" in phases:
         w, wo = phases["update"], phases["update_no_crossmodal"]
         result["crossmodal_cost"] = {
@@ -176,7 +184,9 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
             "what": "the update with the cross-modal regulariser (text-only copies of the rows, KL with gradient) "
                     "over the same update without it, timed interleaved"}
     if "hf_update" in phases:  # the HF update has no cross-modal term: compared with the update without it
-        m, h = phases.get("update_no_crossmodal", phases["update"]), phases["hf_update"]
+        # ... and, with a token budget, with the fixed micro-batches it uses too
+        m = phases.get("update_no_crossmodal", phases.get("update_fixed_microbatches", phases["update"]))
+        h = phases["hf_update"]
         result["hf_compare"] = {
             "time_ratio": m["median_s"] / h["median_s"],
             "time_ratio_paired_median": statistics.median(a / b for a, b in zip(m["seconds"], h["seconds"])),
@@ -188,6 +198,18 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
     else:
         result["hf_compare_skipped"] = skip
     return result
+
+
+def _microbatch_stats(ctx, last) -> dict:
+    """Padding of the update's micro-batches on this rank (rank 0's are reported): the configured split, and with a
+    token budget also the fixed split of the same rows (bench/padding.py). Every rank calls it (a collective)."""
+    from mssr_megatron.bench.padding import microbatch_stats, update_microbatches, with_fixed_microbatches
+
+    _, exp, rows, *_ = last.first("update_policy")[0]
+    out = {"configured": microbatch_stats(exp, update_microbatches(ctx, exp, rows))}
+    if ctx.cfg.parallel.max_tokens_per_microbatch is not None:
+        out["fixed"] = microbatch_stats(exp, with_fixed_microbatches(ctx, lambda: update_microbatches(ctx, exp, rows)))
+    return out
 
 
 def _hf_skip_reason(wanted: bool, world: int, p, device, n_params: int) -> str | None:

@@ -8,6 +8,7 @@
     run_dir          which run a run directory holds: refusal of a fresh run into a used one, overwrite, run ids
     actor            a Megatron model with its optimizer: log-probs and train steps over micro-batches
     experience       the step's rollouts as padded training tensors
+    token_budget     micro-batches packed under a token budget (tokens + image patches), as many on every DP rank
     crossmodal       text-only copies of the rows beside them, and the cross-modal KL from the paired logits
     finite_check     NaN/Inf checks of the weights after each step and of a loaded or saved optimizer state
     resume_config    what a resumed run may change from the config stored in its checkpoint

@@ -53,7 +53,12 @@ class Experience:
         rows = torch.as_tensor(rows, dtype=torch.long)
         if len(rows) % micro_batch_size:
             raise ValueError(f"{len(rows)} rows do not split into micro-batches of {micro_batch_size}")
-        parts = rows.split(micro_batch_size)
+        return self.batches_of(list(rows.split(micro_batch_size)), width_multiple, same_width)
+
+    def batches_of(self, parts: list[torch.Tensor], width_multiple: int | None = None,
+                   same_width: bool = False) -> list[dict]:
+        """One micro-batch per part (a 1-D tensor of row indices, any sizes: train/token_budget.py packs them),
+        cut as in `microbatches`."""
         widths = [self._width(part, width_multiple) for part in parts]
         if same_width and widths:
             widths = [max(widths)] * len(widths)

@@ -35,6 +35,7 @@ RESUMABLE: dict[str, tuple[tuple[str, ...], str]] = {
     "device and collectives": (("trainer.device", "parallel.backend", "parallel.timeout_minutes"),
                                "where the same tensors live and how long a collective may wait"),
     "memory": (("parallel.micro_batch_size", "parallel.sequence_parallel", "model.logprob_chunk_tokens",
+                "parallel.max_tokens_per_microbatch",
                 "model.recompute_granularity", "model.recompute_method", "model.recompute_num_layers"),
                "how the same mini-batch is split, chunked or recomputed: memory and speed, not the update"),
     "rollout engines": (("rollout.engine", "rollout.engine_tp_size", "rollout.engines", "rollout.colocate",

@@ -165,24 +165,36 @@ def data_parallel_rows(ctx: RunContext, num_rows: int) -> torch.Tensor:
 
 def microbatches(ctx: RunContext, exp: Experience, rows: torch.Tensor) -> list[dict]:
     """The micro-batches of one pass over `rows`, each cut to its own width (see experience.py); with pipeline
-    parallelism all of one pass share the widest, as the stages exchange one shape."""
+    parallelism all of one pass share the widest, as the stages exchange one shape. With
+    parallel.max_tokens_per_microbatch, rows are packed under that budget (train/token_budget.py), as many
+    micro-batches on every data-parallel rank (a collective over the data-parallel group: every rank calls this)."""
     p = ctx.cfg.parallel
-    return exp.microbatches(rows, p.micro_batch_size, width_multiple=sequence_multiple(ctx.cfg.model, p),
-                            same_width=p.pipeline_model_parallel_size > 1)
+    multiple = sequence_multiple(ctx.cfg.model, p)
+    if p.max_tokens_per_microbatch is None:
+        return exp.microbatches(rows, p.micro_batch_size, width_multiple=multiple,
+                                same_width=p.pipeline_model_parallel_size > 1)
+    from mssr_megatron.train.token_budget import budget_parts
+
+    parts = budget_parts(rows, exp.lengths, exp.image_grid_thw, p.max_tokens_per_microbatch, multiple,
+                         exp.input_ids.shape[1], count_group=_data_parallel_group())
+    return exp.batches_of(parts, width_multiple=multiple)
 
 
 def token_logprobs(ctx: RunContext, actor, exp: Experience, rows: torch.Tensor, temperature: float):
-    """(logprobs, entropy), each [len(rows), L-1], on the CPU (with the Experience), on the last pipeline stage;
-    (None, None) elsewhere. Columns past a micro-batch's width (right padding) hold 0."""
-    outputs = actor.token_logprobs(microbatches(ctx, exp, rows), temperature, masked_token_ids=ctx.blocked_ids)
+    """(logprobs, entropy), each [len(rows), L-1] in the order of `rows`, on the CPU (with the Experience), on the
+    last pipeline stage; (None, None) elsewhere. Columns past a micro-batch's width (right padding) hold 0."""
+    batches = microbatches(ctx, exp, rows)
+    outputs = actor.token_logprobs(batches, temperature, masked_token_ids=ctx.blocked_ids)
     if not outputs:
         return None, None
-    columns = exp.input_ids.shape[1] - 1
-
-    def full_width(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(t.cpu(), (0, columns - t.shape[-1]))
-
-    return torch.cat([full_width(o[0]) for o in outputs]), torch.cat([full_width(o[1]) for o in outputs])
+    # token budgets regroup the rows: each micro-batch's results go back to its rows' places
+    position = {int(r): i for i, r in enumerate(torch.as_tensor(rows).tolist())}
+    logprobs, entropy = (torch.zeros(len(position), exp.input_ids.shape[1] - 1, dtype=t.dtype) for t in outputs[0])
+    for batch, (lp, ent) in zip(batches, outputs):
+        places = torch.tensor([position[int(r)] for r in batch["rows"]], dtype=torch.long)
+        logprobs[places, : lp.shape[-1]] = lp.cpu()
+        entropy[places, : ent.shape[-1]] = ent.cpu()
+    return logprobs, entropy
 
 
 def update_policy(ctx: RunContext, exp: Experience, rows, advantages, old_logprobs, ref_logprobs):
