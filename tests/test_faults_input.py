@@ -33,7 +33,7 @@ NESTED_BOXES = "<think>r</think>" + "\\boxed{" * 4_000_000 + "1" + "}" * 4_000_0
 # ------------------------------------------------------------------------------------------------ the format reward
 def test_a_slow_format_check_is_a_counted_timeout_within_the_limit():
     """The format check used to run in the calling (trainer) process with no limit: this answer blocked it for
-    seconds and counted no timeout. It now runs in the worker with the answer's reward, under the same limit (2.5 s:
+    seconds and counted no timeout. It now runs in the worker with the answer's reward, under the same limit (4 s:
     far below the check's ~11 s, far above what the short answer needs on a loaded machine)."""
     with RewardGrader(reward_helpers.always_right, num_workers=2, timeout_s=4.0) as grader:
         grader.start()
