@@ -124,7 +124,22 @@ class MegatronActor:
             # only the step count (load_scheduler_state)
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
-        config.finalize_model_grads_func = finalize_model_grads
+        if module.vision_balance == "tp_balanced":
+            from megatron.core import parallel_state as ps
+
+            from mssr_megatron.models.vision_balance import allreduce_vision_grads
+
+            def finalize_grads(model, *args, **kwargs):
+                # THE tensor-parallel reduction of the vision tower's gradients under tp_balanced (each rank encoded
+                # only its share of the images), over the TP group, after the backward passes and before megatron's
+                # data-parallel reduction, which sums the same buffers over the other axis (no parameter is summed
+                # over TP twice: vision_balance.py)
+                allreduce_vision_grads(module, ps.get_tensor_model_parallel_group())
+                finalize_model_grads(model, *args, **kwargs)
+
+            config.finalize_model_grads_func = finalize_grads
+        else:
+            config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.model.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
 

@@ -1,0 +1,170 @@
+"""model.vision_balance=tp_balanced (models/vision_balance.py): the image-to-rank assignment checked by hand, and at
+TP2 on gloo (2 real processes) the same logits and gradients as `replicate` (<= 1e-5), each rank encoding about half
+of the patches, and the vision weights bit-identical across the TP group after 2 optimizer steps; micro-batches with
+several images of different sizes, with one image (one rank encodes nothing) and with none."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_harness import VOCAB, LAYERS, gather_tp_logits, spawn
+
+from mssr_megatron.models.vision_balance import assign_images
+
+# patch grids (t, h, w) of the images of micro-batch 0 (rows 0 and 1; row 2 has none), of micro-batch 1 (one image),
+# micro-batch 2 has no image
+GRIDS_MB0 = [(1, 4, 4), (1, 6, 4), (1, 8, 6)]  # 16, 24, 48 patches
+GRIDS_MB1 = [(1, 2, 2)]
+
+
+def test_assignment_by_hand():
+    # largest first: 48 -> rank 0; 24 -> rank 1 (load 0); 16 -> rank 1 (24 < 48); then 16 -> rank 1 (40 < 48)
+    assert assign_images([16, 24, 48, 16], 2) == [1, 1, 0, 1]
+    # by patches, not images: one big image on one rank, three small ones on the other
+    assert assign_images([64, 20, 20, 20], 2) == [0, 1, 1, 1]
+    # ties: the earlier image first, the lower rank first
+    assert assign_images([8, 8, 8, 8], 2) == [0, 1, 0, 1]
+    assert assign_images([30, 20, 10, 10, 10], 3) == [0, 1, 2, 2, 1]
+    assert assign_images([5], 2) == [0] and assign_images([], 2) == []
+
+
+def _case():
+    """(hf_config, published HF state, micro-batches, mask [rows, S-1] of loss tokens per micro-batch)."""
+    from mssr_megatron.models.rope_index import mrope_position_ids
+    from mssr_megatron.models.tiny_hf import init_tiny_model, published_state_dict, tiny_qwen2_5_vl_config
+
+    cfg = tiny_qwen2_5_vl_config(vocab_size=VOCAB, tie_word_embeddings=False, num_layers=LAYERS)
+    hf = init_tiny_model(cfg, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    merge = cfg.vision_config.spatial_merge_size
+
+    def text(n):
+        return torch.randint(10, 300, (n,), generator=gen).tolist()
+
+    def image(grid):
+        return [cfg.vision_start_token_id] + [cfg.image_token_id] * (grid[0] * grid[1] * grid[2] // merge**2) + [
+            cfg.vision_end_token_id]
+
+    def microbatch(rows, grids):
+        length = max(map(len, rows))
+        input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+        attention = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)], attention[i, : len(row)] = torch.tensor(row), 1
+        grid = torch.tensor(grids) if grids else None
+        batch = {"input_ids": input_ids,
+                 "position_ids": mrope_position_ids(input_ids, grid, cfg.image_token_id, merge, attention)}
+        if grids:
+            patches = sum(t * h * w for t, h, w in grids)
+            batch.update(pixel_values=torch.randn(patches, 3 * 2 * 14 * 14, generator=gen), image_grid_thw=grid)
+        return batch, attention[:, 1:].float()
+
+    micro = [
+        microbatch([text(3) + image(GRIDS_MB0[0]) + text(2) + image(GRIDS_MB0[1]) + text(4),
+                    text(2) + image(GRIDS_MB0[2]) + text(3), text(9)], GRIDS_MB0),
+        microbatch([text(4) + image(GRIDS_MB1[0]) + text(5)], GRIDS_MB1),
+        microbatch([text(7)], []),
+    ]
+    return cfg, published_state_dict(hf), [b for b, _ in micro], [m for _, m in micro]
+
+
+def _actor(cfg, state, balance: str):
+    from mssr_megatron.config import ModelConfig, OptimizerConfig
+    from mssr_megatron.train.actor import MegatronActor
+
+    # grad_clip 0: no clipping, so the gradient buffers still hold the raw gradients after the step
+    actor = MegatronActor(cfg, ModelConfig(params_dtype="float32", vision_balance=balance),
+                          OptimizerConfig(lr=1e-3, weight_decay=0.1, grad_clip=0.0), 10)
+    actor.load_hf_state(state)
+    return actor
+
+
+def _worker(rank: int, out_dir: str) -> None:
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+
+    init_megatron(2, 1, seed=0)
+    try:
+        cfg, state, micro, masks = _case()
+        tokens = sum(m.sum() for m in masks)
+        result = {}
+        for balance in ("replicate", "tp_balanced"):
+            actor = _actor(cfg, state, balance)
+            initial = {n: p.detach().clone() for n, p in actor.module.vision_model.named_parameters()}
+            encoded: list[int] = []  # patches this rank's vision tower encoded, call by call
+
+            def count(module, args, kwargs):
+                encoded.append(int(kwargs["grid_thw"].prod(-1).sum()))
+
+            actor.module.vision_model.register_forward_pre_hook(count, with_kwargs=True)
+            with torch.no_grad():
+                logits = [gather_tp_logits(actor.module(b["input_ids"], b["position_ids"], b.get("pixel_values"),
+                                                        b.get("image_grid_thw")), VOCAB) for b in micro]
+            forward_patches = list(encoded)
+            for i, b in enumerate(micro):
+                b["row_mask"] = masks[i]
+
+            def nll(logprobs, entropy, batch):
+                return -(logprobs * batch["row_mask"]).sum() / tokens, {}
+
+            losses = [actor.train_step(micro, nll)["actor/loss"]]
+            grads = {n: p.main_grad.clone() for n, p in actor.module.named_parameters()}
+            losses.append(actor.train_step(micro, nll)["actor/loss"])
+            result[balance] = {
+                "logits": logits, "patches": forward_patches, "grads": grads, "losses": losses,
+                "vision": {n: p.detach().clone() for n, p in actor.module.vision_model.named_parameters()},
+                "vision_initial": initial,
+            }
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        destroy_megatron()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("vision_balance")
+    spawn(_worker, 2, str(out))
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.slow
+def test_tp_balanced_logits_equal_replicate(ranks):
+    for result in ranks:
+        for got, want in zip(result["tp_balanced"]["logits"], result["replicate"]["logits"]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert result["tp_balanced"]["losses"] == pytest.approx(result["replicate"]["losses"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_tp_balanced_gradients_equal_replicate(ranks):
+    for result in ranks:
+        got, want = result["tp_balanced"]["grads"], result["replicate"]["grads"]
+        assert got.keys() == want.keys() and any(n.startswith("vision_model.") for n in got)
+        assert all(want[n].abs().max() > 0 for n in want if n.startswith("vision_model.merger"))
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_each_rank_encodes_about_half_the_patches(ranks):
+    total = [sum(t * h * w for t, h, w in GRIDS_MB0), sum(t * h * w for t, h, w in GRIDS_MB1)]
+    for result in ranks:  # replicate: every rank encodes every image (micro-batch 2 has none: no call)
+        assert result["replicate"]["patches"] == total
+    # micro-batch 0, by hand: 48 -> rank 0; 24 and 16 -> rank 1; micro-batch 1: its one image on rank 0, and rank 1
+    # does not call the tower at all
+    assert ranks[0]["tp_balanced"]["patches"] == [48, 4]
+    assert ranks[1]["tp_balanced"]["patches"] == [40]
+    assert max(48, 40) <= 0.6 * total[0]
+
+
+@pytest.mark.slow
+def test_vision_weights_identical_across_tp_ranks_after_two_steps(ranks):
+    for balance in ("replicate", "tp_balanced"):
+        first, second = ranks[0][balance]["vision"], ranks[1][balance]["vision"]
+        for name in first:
+            assert torch.equal(first[name], second[name]), (balance, name)
+    # and they moved (two steps with the vision tower trained), as replicate's did
+    initial = ranks[0]["tp_balanced"]["vision_initial"]
+    assert all(not torch.equal(w, initial[n]) for n, w in ranks[0]["tp_balanced"]["vision"].items())
+    for name, weight in ranks[0]["tp_balanced"]["vision"].items():
+        torch.testing.assert_close(weight, ranks[0]["replicate"]["vision"][name], atol=1e-5, rtol=0, msg=name)
