@@ -80,6 +80,21 @@ def _actor(cfg, state, balance: str):
     return actor
 
 
+def _bench_vision(actor, micro) -> dict:
+    """bench/vision.bench_vision with the parts of a run context and step record it reads."""
+    from types import SimpleNamespace
+
+    from mssr_megatron.bench.vision import bench_vision
+
+    exp = SimpleNamespace(microbatches=lambda rows, size: micro)
+    ctx = SimpleNamespace(actor=actor, cfg=SimpleNamespace(parallel=SimpleNamespace(micro_batch_size=3),
+                                                           model=SimpleNamespace(train_vision=True)))
+    rec = SimpleNamespace(first=lambda name: ((None, exp, [0, 1, 2]), {}, None))
+    out = bench_vision(ctx, rec, warmup=0, repeats=1, device=torch.device("cpu"))
+    assert actor.module.vision_balance == "tp_balanced"  # the option in use, restored
+    return out
+
+
 def _worker(rank: int, out_dir: str) -> None:
     from mssr_megatron.parallel import destroy_megatron, init_megatron
 
@@ -110,6 +125,8 @@ def _worker(rank: int, out_dir: str) -> None:
             losses = [actor.train_step(micro, nll)["actor/loss"]]
             grads = {n: p.main_grad.clone() for n, p in actor.module.named_parameters()}
             losses.append(actor.train_step(micro, nll)["actor/loss"])
+            if balance == "tp_balanced":  # mssr bench's vision phase on these micro-batches
+                result["bench"] = _bench_vision(actor, micro)
             result[balance] = {
                 "logits": logits, "patches": forward_patches, "grads": grads, "losses": losses,
                 "vision": {n: p.detach().clone() for n, p in actor.module.vision_model.named_parameters()},
@@ -168,3 +185,22 @@ def test_vision_weights_identical_across_tp_ranks_after_two_steps(ranks):
     assert all(not torch.equal(w, initial[n]) for n, w in ranks[0]["tp_balanced"]["vision"].items())
     for name, weight in ranks[0]["tp_balanced"]["vision"].items():
         torch.testing.assert_close(weight, ranks[0]["replicate"]["vision"][name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_bench_reports_vision_time_and_patches_per_rank(ranks):
+    from mssr_megatron.bench.vision import vision_line
+
+    result = ranks[0]["bench"]
+    assert result["chosen"] == "tp_balanced" and result["tp"] == 2
+    for option, per_rank in result["per_option"].items():  # gathered over the TP group: both ranks report all
+        assert per_rank["median_s_per_rank"] == ranks[1]["bench"]["per_option"][option]["median_s_per_rank"]
+    # by hand: replicate encodes 16 + 24 + 48 + 4 patches on each rank; tp_balanced 48 + 4 on rank 0, 24 + 16 on 1
+    assert result["per_option"]["replicate"]["patches_per_rank"] == [92, 92]
+    assert result["per_option"]["tp_balanced"]["patches_per_rank"] == [52, 40]
+    assert result["per_option"]["tp_balanced_share"]["patches_per_rank"] == [52, 40]
+    assert result["images"] == 4 and result["microbatches"] == 2
+    for option in result["per_option"].values():
+        assert len(option["median_s_per_rank"]) == 2 and option["slowest_rank_median_s"] > 0
+    assert result["time_ratio"] > 0 and result["share_time_ratio"] > 0
+    assert "tp_balanced / replicate" in vision_line(result)

@@ -97,6 +97,10 @@ def format_table(result: dict) -> str:
     if xm:
         lines.append(f"cross-modal regulariser (coef {xm['coef']:g}): update time {xm['time_ratio']:.2f}x of the same "
                      f"update without it ({xm['time_ratio_paired_median']:.2f}x median of the interleaved pairs)")
+    if result.get("vision_balance"):
+        from mssr_megatron.bench.vision import vision_line
+
+        lines.append(vision_line(result["vision_balance"]))
     hf = result.get("hf_compare")
     if hf:
         lines.append(f"Megatron / HF update time: {hf['time_ratio']:.2f}x of the medians, "

@@ -253,20 +253,24 @@ class Qwen2_5_VLMegatron(MegatronModule):
                 embeddings = embeddings.clone()
         return embeddings
 
-    def _merge_vision(self, embeddings, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
-        """[S, B, H] embeddings with the vision tower's features written at the image-token positions."""
-        image_mask = input_ids == self.image_token_id  # [B, S]: features come image by image, batch-major
+    def vision_features(self, pixel_values, image_grid_thw) -> torch.Tensor:
+        """The vision tower's features [sum_i t*h*w / merge^2, H] of the images, in image order, under
+        model.vision_balance: this rank encodes every image (replicate) or its share of them (tp_balanced)."""
         if self.vision_balance == "tp_balanced":
             from megatron.core import parallel_state as ps
 
             from mssr_megatron.models.vision_balance import balanced_vision_features
 
-            features = balanced_vision_features(self.vision_model, pixel_values, image_grid_thw,
-                                                self.hf_config.vision_config.spatial_merge_size,
-                                                ps.get_tensor_model_parallel_group())
-        else:
-            features = self.vision_model(pixel_values.to(self.vision_model.dtype), grid_thw=image_grid_thw)
-            features = getattr(features, "pooler_output", features)  # transformers 5 returns a model output
+            return balanced_vision_features(self.vision_model, pixel_values, image_grid_thw,
+                                            self.hf_config.vision_config.spatial_merge_size,
+                                            ps.get_tensor_model_parallel_group())
+        features = self.vision_model(pixel_values.to(self.vision_model.dtype), grid_thw=image_grid_thw)
+        return getattr(features, "pooler_output", features)  # transformers 5 returns a model output
+
+    def _merge_vision(self, embeddings, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
+        """[S, B, H] embeddings with the vision tower's features written at the image-token positions."""
+        image_mask = input_ids == self.image_token_id  # [B, S]: features come image by image, batch-major
+        features = self.vision_features(pixel_values, image_grid_thw)
         if int(image_mask.sum()) != features.shape[0]:
             raise ValueError(f"the prompts hold {int(image_mask.sum())} <|image_pad|> tokens but the images give "
                              f"{features.shape[0]} features: check the processor's image_grid_thw")

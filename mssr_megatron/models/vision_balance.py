@@ -58,6 +58,20 @@ class _GatherVariable(torch.autograd.Function):
         return grad[ctx.start : ctx.start + ctx.count], None, None, None
 
 
+def encode_share(vision_model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, owners: list[int],
+                 rank: int) -> torch.Tensor:
+    """The features [sum over this rank's images of t*h*w / merge^2, H_out] of the images `owners` gives `rank`, in
+    image order; [0, H_out] when it has none (it still takes part in the gather)."""
+    patches = image_grid_thw.prod(-1).tolist()
+    mine = [i for i in range(len(patches)) if owners[i] == rank]
+    if not mine:
+        return pixel_values.new_zeros(0, vision_model.config.out_hidden_size, dtype=vision_model.dtype)
+    starts = [sum(patches[:i]) for i in range(len(patches))]
+    rows = torch.cat([pixel_values[starts[i] : starts[i] + patches[i]] for i in mine])
+    local = vision_model(rows.to(vision_model.dtype), grid_thw=image_grid_thw[mine])
+    return getattr(local, "pooler_output", local)  # transformers 5 returns a model output
+
+
 def balanced_vision_features(vision_model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
                              spatial_merge_size: int, group) -> torch.Tensor:
     """The vision tower's features of all images [sum_i t*h*w / merge^2, H_out], in image order, with this rank
@@ -66,16 +80,8 @@ def balanced_vision_features(vision_model, pixel_values: torch.Tensor, image_gri
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
     patches = image_grid_thw.prod(-1).tolist()
     owners = assign_images(patches, tp)
-    starts = [sum(patches[:i]) for i in range(len(patches))]
     merged = [n // spatial_merge_size**2 for n in patches]
-    mine = [i for i in range(len(patches)) if owners[i] == rank]
-    out_hidden = vision_model.config.out_hidden_size
-    if mine:
-        rows = torch.cat([pixel_values[starts[i] : starts[i] + patches[i]] for i in mine])
-        local = vision_model(rows.to(vision_model.dtype), grid_thw=image_grid_thw[mine])
-        local = getattr(local, "pooler_output", local)  # transformers 5 returns a model output
-    else:  # an image-poor micro-batch: this rank encodes nothing but still takes part in the gather
-        local = pixel_values.new_zeros(0, out_hidden, dtype=vision_model.dtype)
+    local = encode_share(vision_model, pixel_values, image_grid_thw, owners, rank)
     by_rank = [[i for i in range(len(patches)) if owners[i] == r] for r in range(tp)]
     gathered = _GatherVariable.apply(local, [sum(merged[i] for i in images) for images in by_rank], rank, group)
     # rows of `gathered` are image by image in rank order; put each image's rows back at its place in image order
