@@ -5,13 +5,17 @@ runs the tower's forward (`Qwen2_5_VLMegatron.vision_features`: for tp_balanced 
 the all-gather of the features) and, with model.train_vision, its backward from a fixed cotangent (the features'
 sum). A third entry, `tp_balanced_share`, times this rank's share alone (`encode_share`, no collective): the encoder's
 own compute, apart from the gather and from waiting for the other rank. All are timed interleaved (replicate,
-tp_balanced, tp_balanced_share, replicate, ...) on the same model, so a change of background load hits them alike.
+tp_balanced, tp_balanced_share, replicate, ...) on the same model, so a change of background load hits them alike,
+each call started by all ranks together (`_timed_rounds`).
 The once-per-step sum of the tower's gradients over TP (tp_balanced) is in none of them.
 Per rank: the median seconds of all micro-batches together, and the patches it encoded (`assign_images`). The step
 waits for the slowest rank of the TP group, so the ratios compare the slowest ranks' medians.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -37,13 +41,30 @@ def _patches_per_rank(batches, option: str, rank: int, tp: int) -> int:
     return total
 
 
+def _timed_rounds(run, warmup: int, repeats: int, device) -> dict[str, list[float]]:
+    """Seconds of run(option) per option, round by round (options interleaved), each call started by all ranks
+    together (a barrier): a rank's time then includes its waits in the option's collectives for a slower rank, as
+    in a training step, but not the other rank's lag from the previous call."""
+    seconds: dict[str, list[float]] = {o: [] for o in OPTIONS}
+    for i in range(warmup + repeats):
+        for option in OPTIONS:
+            if dist.is_initialized():
+                dist.barrier()
+            start = time.perf_counter()
+            run(option)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                seconds[option].append(time.perf_counter() - start)
+    return seconds
+
+
 def bench_vision(ctx, rec, *, warmup: int, repeats: int, device) -> dict | None:
     """{"per_option": {option: {"median_s_per_rank", "patches_per_rank", "slowest_rank_median_s"}}, "time_ratio":
     tp_balanced / replicate (slowest ranks), "chosen": model.vision_balance, ...} on every rank; None when the
     step's update micro-batches hold no image (or this pipeline stage has no vision tower)."""
     from megatron.core import parallel_state as ps
 
-    from mssr_megatron.bench.phases import measure_interleaved
 
     module = ctx.actor.module
     args, _, _ = rec.first("update_policy")
@@ -75,11 +96,10 @@ def bench_vision(ctx, rec, *, warmup: int, repeats: int, device) -> dict | None:
             module.vision_balance = chosen
 
     try:
-        times = measure_interleaved({o: (lambda o=o: run(o)) for o in OPTIONS}, warmup=warmup, repeats=repeats,
-                                    device=device, memory=False)
+        times = _timed_rounds(run, warmup, repeats, device)
     finally:  # the backward passes wrote into the gradient buffers: the next train_step zeroes them anyway
         ctx.actor.model.zero_grad_buffer()
-    mine = {o: (times[o]["median_s"], _patches_per_rank(batches, o, tp_rank, tp)) for o in OPTIONS}
+    mine = {o: (statistics.median(times[o]), _patches_per_rank(batches, o, tp_rank, tp)) for o in OPTIONS}
     group = ps.get_tensor_model_parallel_group()
     everyone = [None] * tp
     if tp > 1:
@@ -90,7 +110,7 @@ def bench_vision(ctx, rec, *, warmup: int, repeats: int, device) -> dict | None:
     for o in OPTIONS:
         medians = [r[o][0] for r in everyone]
         per_option[o] = {"median_s_per_rank": medians, "patches_per_rank": [r[o][1] for r in everyone],
-                         "slowest_rank_median_s": max(medians), "seconds_rank0": times[o]["seconds"]}
+                         "slowest_rank_median_s": max(medians), "seconds_rank0": times[o]}
     base = per_option["replicate"]["slowest_rank_median_s"]
     return {"per_option": per_option, "time_ratio": per_option["tp_balanced"]["slowest_rank_median_s"] / base,
             "share_time_ratio": per_option["tp_balanced_share"]["slowest_rank_median_s"] / base,

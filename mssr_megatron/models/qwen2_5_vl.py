@@ -255,8 +255,9 @@ class Qwen2_5_VLMegatron(MegatronModule):
 
     def vision_features(self, pixel_values, image_grid_thw) -> torch.Tensor:
         """The vision tower's features [sum_i t*h*w / merge^2, H] of the images, in image order, under
-        model.vision_balance: this rank encodes every image (replicate) or its share of them (tp_balanced)."""
-        if self.vision_balance == "tp_balanced":
+        model.vision_balance: this rank encodes every image (replicate) or its share of them (tp_balanced; at TP=1
+        the share is every image, so the tower is called directly)."""
+        if self.vision_balance == "tp_balanced" and self.config.tensor_model_parallel_size > 1:
             from megatron.core import parallel_state as ps
 
             from mssr_megatron.models.vision_balance import balanced_vision_features

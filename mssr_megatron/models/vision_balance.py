@@ -27,6 +27,10 @@ import torch
 import torch.distributed as dist
 
 
+BUCKET_ELEMENTS = 2**25
+"""Gradient elements per all-reduce in `allreduce_vision_grads` (128 MiB of fp32)."""
+
+
 def assign_images(patch_counts: list[int], tp: int) -> list[int]:
     """Owner rank of each image: greedy largest-first (ties: the earlier image), each to the least-loaded rank (ties:
     the lower rank). Deterministic, so every rank computes it without communication. patch_counts[i] = t*h*w."""
@@ -114,8 +118,14 @@ def allreduce_vision_grads(module, group) -> None:
                 param.grad = torch.zeros_like(param)
             grad = param.grad
         grads.append(grad)
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        for grad, synced in zip(grads, flat.split([g.numel() for g in grads])):
-            grad.copy_(synced.view_as(grad))
+    # coalesced into buckets of at most BUCKET_ELEMENTS: few collectives, and a bounded extra buffer (a 7B model's
+    # tower has ~0.67B parameters: one flat copy of all its fp32 gradients would be 2.7 GB)
+    bucket: list[torch.Tensor] = []
+    for i, grad in enumerate(grads):
+        bucket.append(grad)
+        if i == len(grads) - 1 or sum(g.numel() for g in bucket) + grads[i + 1].numel() > BUCKET_ELEMENTS:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=group)
+            for g, synced in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(synced.view_as(g))
+            bucket = []
