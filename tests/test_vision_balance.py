@@ -90,7 +90,7 @@ def _bench_vision(actor, micro) -> dict:
     ctx = SimpleNamespace(actor=actor, cfg=SimpleNamespace(parallel=SimpleNamespace(micro_batch_size=3),
                                                            model=SimpleNamespace(train_vision=True)))
     rec = SimpleNamespace(first=lambda name: ((None, exp, [0, 1, 2]), {}, None))
-    out = bench_vision(ctx, rec, warmup=0, repeats=1, device=torch.device("cpu"))
+    out = bench_vision(ctx, rec, warmup=0, repeats=2, device=torch.device("cpu"))
     assert actor.module.vision_balance == "tp_balanced"  # the option in use, restored
     return out
 
@@ -205,5 +205,7 @@ def test_bench_reports_vision_time_and_patches_per_rank(ranks):
     assert result["images"] == 4 and result["microbatches"] == 2
     for option in result["per_option"].values():
         assert len(option["median_s_per_rank"]) == 2 and option["slowest_rank_median_s"] > 0
-    assert result["time_ratio"] > 0 and result["share_time_ratio"] > 0
+        assert len(option["slowest_rank_s_per_round"]) == 2
+    assert all(result[k] > 0 for k in ("time_ratio", "share_time_ratio", "time_ratio_paired_median",
+                                       "share_time_ratio_paired_median"))
     assert "tp_balanced / replicate" in vision_line(result)

@@ -99,21 +99,28 @@ def bench_vision(ctx, rec, *, warmup: int, repeats: int, device) -> dict | None:
         times = _timed_rounds(run, warmup, repeats, device)
     finally:  # the backward passes wrote into the gradient buffers: the next train_step zeroes them anyway
         ctx.actor.model.zero_grad_buffer()
-    mine = {o: (statistics.median(times[o]), _patches_per_rank(batches, o, tp_rank, tp)) for o in OPTIONS}
-    group = ps.get_tensor_model_parallel_group()
-    everyone = [None] * tp
+    mine = {o: (times[o], _patches_per_rank(batches, o, tp_rank, tp)) for o in OPTIONS}
+    everyone = [mine]
     if tp > 1:
-        dist.all_gather_object(everyone, mine, group=group)
-    else:
-        everyone = [mine]
+        everyone = [None] * tp
+        dist.all_gather_object(everyone, mine, group=ps.get_tensor_model_parallel_group())
     per_option = {}
     for o in OPTIONS:
-        medians = [r[o][0] for r in everyone]
+        medians = [statistics.median(r[o][0]) for r in everyone]
+        slowest = [max(r[o][0][i] for r in everyone) for i in range(repeats)]  # round by round
         per_option[o] = {"median_s_per_rank": medians, "patches_per_rank": [r[o][1] for r in everyone],
-                         "slowest_rank_median_s": max(medians), "seconds_rank0": times[o]}
+                         "slowest_rank_median_s": max(medians), "slowest_rank_s_per_round": slowest}
+
+    def paired(option: str) -> float:  # median over rounds of option / replicate (each round's slowest rank)
+        rounds = zip(per_option[option]["slowest_rank_s_per_round"],
+                     per_option["replicate"]["slowest_rank_s_per_round"])
+        return statistics.median(a / b for a, b in rounds)
+
     base = per_option["replicate"]["slowest_rank_median_s"]
     return {"per_option": per_option, "time_ratio": per_option["tp_balanced"]["slowest_rank_median_s"] / base,
             "share_time_ratio": per_option["tp_balanced_share"]["slowest_rank_median_s"] / base,
+            "time_ratio_paired_median": paired("tp_balanced"),
+            "share_time_ratio_paired_median": paired("tp_balanced_share"),
             "chosen": chosen, "tp": tp,
             "images": sum(len(g) for _, g in batches), "microbatches": len(batches),
             "image_grids": sorted({tuple(t) for _, g in batches for t in g.tolist()}),
@@ -121,18 +128,20 @@ def bench_vision(ctx, rec, *, warmup: int, repeats: int, device) -> dict | None:
                     + " per TP rank over this data-parallel rank's update micro-batches, options interleaved; "
                     "tp_balanced includes the features' all-gather, tp_balanced_share is this rank's images alone "
                     "(no collective), neither the once-per-step gradient all-reduce; time_ratio = tp_balanced / "
-                    "replicate, share_time_ratio = tp_balanced_share / replicate, of the slowest rank's medians"}
+                    "replicate, share_time_ratio = tp_balanced_share / replicate, of the slowest rank's medians; "
+                    "*_paired_median: the median over rounds of the same ratios, each round's slowest rank"}
 
 
 def vision_line(result: dict) -> str:
-    """One report line: per-rank medians and patches of each option, and the ratio."""
+    """One report line: per-rank medians and patches of each option, and the ratios to replicate."""
     parts = []
     for o in OPTIONS:
         r = result["per_option"][o]
         secs = "/".join(f"{s:.4f}" for s in r["median_s_per_rank"])
         parts.append(f"{o} {secs} s, patches {'/'.join(map(str, r['patches_per_rank']))}")
     return (f"vision tower per TP rank (median s, ranks 0..{result['tp'] - 1}): " + "; ".join(parts)
-            + f"; tp_balanced / replicate {result['time_ratio']:.2f}x, its share alone "
-              f"{result['share_time_ratio']:.2f}x (slowest rank; option in use: {result['chosen']}; {result['images']} images in "
-              f"{result['microbatches']} micro-batches)")
+            + f"; tp_balanced / replicate {result['time_ratio']:.2f}x ({result['time_ratio_paired_median']:.2f}x "
+              f"paired), its share alone {result['share_time_ratio']:.2f}x "
+              f"({result['share_time_ratio_paired_median']:.2f}x paired) (slowest rank; option in use: "
+              f"{result['chosen']}; {result['images']} images in {result['microbatches']} micro-batches)")
 
