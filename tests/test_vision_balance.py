@@ -69,13 +69,15 @@ def _case():
     return cfg, published_state_dict(hf), [b for b, _ in micro], [m for _, m in micro]
 
 
-def _actor(cfg, state, balance: str):
-    from mssr_megatron.config import ModelConfig, OptimizerConfig
+def _actor(cfg, state, balance: str, distributed: bool = False, grad_clip: float = 0.0):
+    from mssr_megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
     from mssr_megatron.train.actor import MegatronActor
 
     # grad_clip 0: no clipping, so the gradient buffers still hold the raw gradients after the step
     actor = MegatronActor(cfg, ModelConfig(params_dtype="float32", vision_balance=balance),
-                          OptimizerConfig(lr=1e-3, weight_decay=0.1, grad_clip=0.0), 10)
+                          OptimizerConfig(lr=1e-3, weight_decay=0.1, grad_clip=grad_clip), 10,
+                          parallel_cfg=ParallelConfig(tensor_model_parallel_size=2,
+                                                      use_distributed_optimizer=distributed))
     actor.load_hf_state(state)
     return actor
 
@@ -209,3 +211,46 @@ def test_bench_reports_vision_time_and_patches_per_rank(ranks):
     assert all(result[k] > 0 for k in ("time_ratio", "share_time_ratio", "time_ratio_paired_median",
                                        "share_time_ratio_paired_median"))
     assert "tp_balanced / replicate" in vision_line(result)
+
+
+def _dp2_worker(rank: int, out_dir: str) -> None:
+    """TP2 x DP2 with the distributed optimizer and gradient clipping: DP rank 0 trains on micro-batches 0 and 2, DP
+    rank 1 on micro-batch 1 (the TP all-reduce of the tower's gradients comes before the DP reduce-scatter)."""
+    from megatron.core import parallel_state as ps
+
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+
+    init_megatron(2, 1, seed=0)
+    try:
+        cfg, state, micro, masks = _case()
+        tokens = sum(m.sum() for m in masks)
+        for i, b in enumerate(micro):
+            b["row_mask"] = masks[i]
+        mine = micro[ps.get_data_parallel_rank()::2]
+
+        def nll(logprobs, entropy, batch):
+            return -(logprobs * batch["row_mask"]).sum() / tokens, {}
+
+        result = {}
+        for balance in ("replicate", "tp_balanced"):
+            actor = _actor(cfg, state, balance, distributed=True, grad_clip=0.05)
+            norms = [actor.train_step(mine, nll)["actor/grad_norm"] for _ in range(2)]
+            result[balance] = {"grad_norms": norms, "vision": {
+                n: p.detach().clone() for n, p in actor.module.vision_model.named_parameters()}}
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        destroy_megatron()
+
+
+@pytest.mark.slow
+def test_tp_balanced_with_data_parallel_distributed_optimizer(tmp_path):
+    spawn(_dp2_worker, 4, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    want = ranks[0]["replicate"]
+    assert want["grad_norms"][0] > 0.05  # the clipping was active
+    for result in ranks:
+        got = result["tp_balanced"]
+        assert got["grad_norms"] == pytest.approx(want["grad_norms"], abs=1e-5)
+        for name, weight in got["vision"].items():
+            assert torch.equal(weight, ranks[0]["tp_balanced"]["vision"][name]), name  # all 4 ranks bit-identical
+            torch.testing.assert_close(weight, want["vision"][name], atol=1e-5, rtol=0, msg=name)
