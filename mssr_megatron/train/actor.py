@@ -74,6 +74,7 @@ class MegatronActor:
         self.logprob_chunk_tokens = model_cfg.logprob_chunk_tokens  # the fused op's chunk (bounds its fp32 scratch)
         sequence_parallel = bool(parallel_cfg and parallel_cfg.sequence_parallel)
         self.use_distributed_optimizer = bool(parallel_cfg and parallel_cfg.use_distributed_optimizer)
+        self.vision_balance = model_cfg.vision_balance  # tp_balanced: the tower's gradients summed over TP per step
         # on `device` before DDP and the optimizer see it
         module = build_model(hf_config, model_cfg, device, sequence_parallel=sequence_parallel)
         self.device = module_device(module)
@@ -124,7 +125,7 @@ class MegatronActor:
             # only the step count (load_scheduler_state)
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
-        if module.vision_balance == "tp_balanced":
+        if self.vision_balance == "tp_balanced":
             from megatron.core import parallel_state as ps
 
             from mssr_megatron.models.vision_balance import allreduce_vision_grads
