@@ -1,7 +1,8 @@
 """model.vision_balance=tp_balanced (models/vision_balance.py): the image-to-rank assignment checked by hand, and at
 TP2 on gloo (2 real processes) the same logits and gradients as `replicate` (<= 1e-5), each rank encoding about half
 of the patches, and the vision weights bit-identical across the TP group after 2 optimizer steps; micro-batches with
-several images of different sizes, with one image (one rank encodes nothing) and with none."""
+several images of different sizes, with one image (one rank encodes nothing) and with none; mssr bench's vision
+phase on them (patches per rank by hand); and TP2 x DP2 with the distributed optimizer and clipping (4 processes)."""
 
 from __future__ import annotations
 
