@@ -65,6 +65,8 @@ class ModelConfig:
     """Layers per recompute unit ('uniform') or per pipeline stage ('block') for full recomputation."""
     train_vision: bool = True
     """Train the vision tower and patch merger (the paper does); false freezes them."""
+    vision_balance: Literal["replicate", "tp_balanced"] = "replicate"
+    """Vision tower at TP>1: every TP rank encodes every image, or each ~1/TP of the patches (features all-gathered)."""
     attention_dropout: float = 0.0
     """Dropout probability on attention weights (0 for RL: logprobs must be reproducible)."""
     hidden_dropout: float = 0.0

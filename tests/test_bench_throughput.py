@@ -175,9 +175,12 @@ def test_bench_cli_writes_json_and_table(tmp_path, assets):
     assert b["steps"] == 2 and {"rollout", "reward", "logprobs", "update", "weight_sync", "step"} <= set(b["phases"])
     assert result["hf_compare"]["time_ratio"] > 0 and result["hf_compare"]["time_ratio_paired_median"] > 0
     assert result["memory"]["max_rss_bytes"] > 0
+    vision = result["vision_balance"]  # bench/vision.py: at TP1 every option encodes every image on the one rank
+    assert vision["tp"] == 1 and vision["chosen"] == "replicate"
+    assert len({tuple(p["patches_per_rank"]) for p in vision["per_option"].values()}) == 1
     table = proc.stdout
     for label in ("rollout generation", "log-prob recompute", "training update (Megatron)",
                   "training update (plain HF", "weight sync", "step: update", "Megatron / HF update time",
-                  "peak for MFU", "measured"):
+                  "peak for MFU", "measured", "vision tower per TP rank"):
         assert label in table, label
     assert format_table(result).splitlines()[0] in table

@@ -144,6 +144,7 @@ def test_actor_training_setup_calls_bind(hf_config, monkeypatch, path, impl, fp8
     actor = MegatronActor.__new__(MegatronActor)
     # what __init__ derives from parallel_cfg for the distributed optimizer (read by _setup_training once wired)
     actor.use_distributed_optimizer = cfg.parallel.use_distributed_optimizer
+    actor.vision_balance = cfg.model.vision_balance
     actor._setup_training(module, cfg.optimizer, total_optimizer_steps=10)
     assert len(ddp_calls) == 1 and isinstance(ddp_calls[0]["ddp_config"], DistributedDataParallelConfig)
     assert len(optimizer_calls) == 1 and isinstance(optimizer_calls[0]["config"], OptimizerConfig)

@@ -106,6 +106,10 @@ def format_table(result: dict) -> str:
     if tb:
         lines.append(f"token-budget / fixed micro-batches update time: {tb['time_ratio']:.2f}x of the medians, "
                      f"{tb['time_ratio_paired_median']:.2f}x median of the interleaved pairs")
+    if result.get("vision_balance"):
+        from mssr_megatron.bench.vision import vision_line
+
+        lines.append(vision_line(result["vision_balance"]))
     hf = result.get("hf_compare")
     if hf:
         lines.append(f"Megatron / HF update time: {hf['time_ratio']:.2f}x of the medians, "

@@ -10,6 +10,7 @@ What it does, with the run's own objects (`run_context.build_context`, exactly a
     same calls the trainer makes: rollout generation (rl_step.generate -> engine.generate, same prompts, sampling and
     seed), the old-policy log-prob forward (rl_step.token_logprobs -> actor.token_logprobs), the policy update
     (rl_step.update_policy -> actor.train_step per mini-batch), the weight sync (sync_weights, bytes and GB/s);
+ 3a. the vision tower per TP rank under model.vision_balance replicate and tp_balanced, interleaved (bench/vision.py);
  3b. with algorithm.crossmodal_coef > 0, the same update with the regulariser off as well, interleaved with it
     (`update_no_crossmodal`): `crossmodal_cost` is the time ratio with / without, measured in the same run;
  4. single process at TP = PP = 1 (the tiny CPU default): the same update with plain transformers + torch AdamW
@@ -99,6 +100,7 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
     from mssr_megatron.bench import flops as F
     from mssr_megatron.bench import phases as P
     from mssr_megatron.bench.report import add_rates
+    from mssr_megatron.bench.vision import bench_vision
     from mssr_megatron.rollout.weight_export import sync_weights
 
     cfg = ctx.cfg
@@ -131,6 +133,8 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
     progress("phase: training update (Megatron" + (", and plain Hugging Face on the same batches, interleaved)"
                                                    if skip is None else ")"))
     phases.update(P.bench_update(ctx, last, **kw, hf_baseline=skip is None))
+    progress("phase: vision tower per TP rank (replicate and tp_balanced, interleaved)")
+    vision = bench_vision(ctx, last, **kw)
     progress("phase: weight sync")
     phases["weight_sync"] = P.bench_weight_sync(ctx, **kw)
     progress("device peak" + (" (measuring a matmul)" if device.type != "cuda" else ""))
@@ -176,6 +180,8 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
             "time_ratio_paired_median": statistics.median(x / y for x, y in zip(b["seconds"], f["seconds"])),
             "what": "the update with token-budget micro-batches over the same update with fixed "
                     f"micro-batches of {cfg.parallel.micro_batch_size} rows, timed interleaved"}
+    if vision is not None:
+        result["vision_balance"] = vision
     if "update_no_crossmodal" in phases:
         w, wo = phases["update"], phases["update_no_crossmodal"]
         result["crossmodal_cost"] = {

@@ -3,9 +3,11 @@
 Language model: GPTModel (position_embedding_type="mrope") with grouped-query attention, QKV bias, RMSNorm, SwiGLU,
 rotary base from the HF config, tied or untied embeddings, vocabulary padded for TP as Megatron-LM pads it.
 Vision tower: transformers' own `Qwen2_5_VisionTransformerPretrainedModel` (window attention, full-attention blocks,
-2-D rotary, patch merger), replicated on every TP rank of the first pipeline stage, as Megatron-Bridge does. Its
-gradients need no extra reduction: the decoder input's gradient is already all-reduced over TP by the first
-column-parallel layer, so every TP rank computes the same vision gradients.
+2-D rotary, patch merger), replicated on every TP rank of the first pipeline stage, as Megatron-Bridge does. With
+model.vision_balance=replicate every rank encodes every image, and its gradients need no extra reduction: the decoder
+input's gradient is already all-reduced over TP by the first column-parallel layer, so every TP rank computes the same
+vision gradients. With tp_balanced each rank encodes its share of the images (vision_balance.py), and the tower's
+gradients are summed over TP before each optimizer step (actor.py: vision_balance.allreduce_vision_grads).
 Layer spec: the local spec (CPU, GPU without Transformer Engine) or Transformer Engine with FP8 settings.
 """
 
@@ -191,6 +193,7 @@ class Qwen2_5_VLMegatron(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.vocab_size = hf_config.text_config.vocab_size
         self.image_token_id = hf_config.image_token_id
+        self.vision_balance = model_cfg.vision_balance
         spec = layer_spec(model_cfg)
         if self.config.sequence_parallel:  # the local spec's torch norms refuse SP: swap in SP-marked RMSNorms
             spec = sequence_parallel_block_spec(spec, self.config)
@@ -250,11 +253,25 @@ class Qwen2_5_VLMegatron(MegatronModule):
                 embeddings = embeddings.clone()
         return embeddings
 
+    def vision_features(self, pixel_values, image_grid_thw) -> torch.Tensor:
+        """The vision tower's features [sum_i t*h*w / merge^2, H] of the images, in image order, under
+        model.vision_balance: this rank encodes every image (replicate) or its share of them (tp_balanced; at TP=1
+        the share is every image, so the tower is called directly)."""
+        if self.vision_balance == "tp_balanced" and self.config.tensor_model_parallel_size > 1:
+            from megatron.core import parallel_state as ps
+
+            from mssr_megatron.models.vision_balance import balanced_vision_features
+
+            return balanced_vision_features(self.vision_model, pixel_values, image_grid_thw,
+                                            self.hf_config.vision_config.spatial_merge_size,
+                                            ps.get_tensor_model_parallel_group())
+        features = self.vision_model(pixel_values.to(self.vision_model.dtype), grid_thw=image_grid_thw)
+        return getattr(features, "pooler_output", features)  # transformers 5 returns a model output
+
     def _merge_vision(self, embeddings, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
         """[S, B, H] embeddings with the vision tower's features written at the image-token positions."""
         image_mask = input_ids == self.image_token_id  # [B, S]: features come image by image, batch-major
-        features = self.vision_model(pixel_values.to(self.vision_model.dtype), grid_thw=image_grid_thw)
-        features = getattr(features, "pooler_output", features)  # transformers 5 returns a model output
+        features = self.vision_features(pixel_values, image_grid_thw)
         if int(image_mask.sum()) != features.shape[0]:
             raise ValueError(f"the prompts hold {int(image_mask.sum())} <|image_pad|> tokens but the images give "
                              f"{features.shape[0]} features: check the processor's image_grid_thw")

@@ -74,6 +74,7 @@ class MegatronActor:
         self.logprob_chunk_tokens = model_cfg.logprob_chunk_tokens  # the fused op's chunk (bounds its fp32 scratch)
         sequence_parallel = bool(parallel_cfg and parallel_cfg.sequence_parallel)
         self.use_distributed_optimizer = bool(parallel_cfg and parallel_cfg.use_distributed_optimizer)
+        self.vision_balance = model_cfg.vision_balance  # tp_balanced: the tower's gradients summed over TP per step
         # on `device` before DDP and the optimizer see it
         module = build_model(hf_config, model_cfg, device, sequence_parallel=sequence_parallel)
         self.device = module_device(module)
@@ -124,7 +125,22 @@ class MegatronActor:
             # only the step count (load_scheduler_state)
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
-        config.finalize_model_grads_func = finalize_model_grads
+        if self.vision_balance == "tp_balanced":
+            from megatron.core import parallel_state as ps
+
+            from mssr_megatron.models.vision_balance import allreduce_vision_grads
+
+            def finalize_grads(model, *args, **kwargs):
+                # THE tensor-parallel reduction of the vision tower's gradients under tp_balanced (each rank encoded
+                # only its share of the images), over the TP group, after the backward passes and before megatron's
+                # data-parallel reduction, which sums the same buffers over the other axis (no parameter is summed
+                # over TP twice: vision_balance.py)
+                allreduce_vision_grads(module, ps.get_tensor_model_parallel_group())
+                finalize_model_grads(model, *args, **kwargs)
+
+            config.finalize_model_grads_func = finalize_grads
+        else:
+            config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.model.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
 
