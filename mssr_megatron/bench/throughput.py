@@ -176,8 +176,7 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
     if "update_fixed_microbatches" in phases:
         b, f = phases["update"], phases["update_fixed_microbatches"]
         result["token_budget"] = {
-            "budget": cfg.parallel.max_tokens_per_microbatch, "time_ratio": b["median_s"] / f["median_s"],
-            "time_ratio_paired_median": statistics.median(x / y for x, y in zip(b["seconds"], f["seconds"])),
+            "budget": cfg.parallel.max_tokens_per_microbatch, **_time_ratios(b, f),
             "what": "the update with token-budget micro-batches over the same update with fixed "
                     f"micro-batches of {cfg.parallel.micro_batch_size} rows, timed interleaved"}
     if vision is not None:
@@ -185,8 +184,7 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
     if "update_no_crossmodal" in phases:
         w, wo = phases["update"], phases["update_no_crossmodal"]
         result["crossmodal_cost"] = {
-            "coef": cfg.algorithm.crossmodal_coef, "time_ratio": w["median_s"] / wo["median_s"],
-            "time_ratio_paired_median": statistics.median(a / b for a, b in zip(w["seconds"], wo["seconds"])),
+            "coef": cfg.algorithm.crossmodal_coef, **_time_ratios(w, wo),
             "what": "the update with the cross-modal regulariser (text-only copies of the rows, KL with gradient) "
                     "over the same update without it, timed interleaved"}
     if "hf_update" in phases:  # the HF update has no cross-modal term: compared with the update without it
@@ -194,8 +192,7 @@ def _benchmark(ctx, warmup: int, repeats: int, hf_compare: bool, progress, comma
         m = phases.get("update_no_crossmodal", phases.get("update_fixed_microbatches", phases["update"]))
         h = phases["hf_update"]
         result["hf_compare"] = {
-            "time_ratio": m["median_s"] / h["median_s"],
-            "time_ratio_paired_median": statistics.median(a / b for a, b in zip(m["seconds"], h["seconds"])),
+            **_time_ratios(m, h),
             "megatron_tokens_per_s": m["tokens_per_s"],
             "hf_tokens_per_s": h["tokens_per_s"],
             "what": f"{cfg.optimizer_steps_per_step} optimizer step(s) of fwd+bwd+clip+Adam over the same "
@@ -238,6 +235,13 @@ def _gather(value, world: int) -> list:
 
 def _stats(values: list[float]) -> dict:
     return {"seconds": values, "median_s": statistics.median(values), "min_s": min(values), "max_s": max(values)}
+
+
+def _time_ratios(a: dict, b: dict) -> dict:
+    """Phase a's time over phase b's, timed interleaved: the ratio of the medians and the median of the paired
+    per-round ratios."""
+    return {"time_ratio": a["median_s"] / b["median_s"],
+            "time_ratio_paired_median": statistics.median(x / y for x, y in zip(a["seconds"], b["seconds"]))}
 
 
 def _breakdown(times: list[dict], steps: list[dict], warmup: int, peak_flops_per_s: float) -> dict:
