@@ -57,13 +57,12 @@ def test_small_shape_by_hand():
     assert SMALL.language_params(2, 1) == 2 * 312 + 2 * (256 // 2 * 8) + 8  # vocab padded to 256, half per rank
     assert SMALL.language_params(1, 2, stage=0) == 608 + 1024 and SMALL.language_params(1, 2, stage=1) == 608 + 1032
     # activations per layer, 2 x 16 tokens, bf16: (4 H + (a + 2k) d + a d + 4 I) = 32 + 16 + 8 + 64 = 120 per token
-    assert layer_activation_bytes(SMALL, 32, 16, 2, 1, False, 2, "flash", None) == 32 * 120 * 2
-    # local attention: K, V repeated to 2 heads (+ 8 per token) and softmax 2 x 2 heads x 16 x 16
-    assert layer_activation_bytes(SMALL, 32, 16, 2, 1, False, 2, "local", None) == (32 * 128 + 1024) * 2
-    assert layer_activation_bytes(SMALL, 32, 16, 2, 1, False, 2, "local", "selective") == 32 * 120 * 2
-    assert layer_activation_bytes(SMALL, 32, 16, 2, 1, False, 2, "flash", "full") == 32 * 8 * 2
+    # (the core attention, fused in both layer specs, keeps no score matrix; selective recompute changes nothing)
+    assert layer_activation_bytes(SMALL, 32, 1, False, 2, None) == 32 * 120 * 2
+    assert layer_activation_bytes(SMALL, 32, 1, False, 2, "selective") == 32 * 120 * 2
+    assert layer_activation_bytes(SMALL, 32, 1, False, 2, "full") == 32 * 8 * 2
     # TP2 + SP: the H terms / 2 and the rest / 2 too
-    assert layer_activation_bytes(SMALL, 32, 16, 2, 2, True, 2, "flash", None) == 32 * 60 * 2
+    assert layer_activation_bytes(SMALL, 32, 2, True, 2, None) == 32 * 60 * 2
     # vision: 10 x 4 + 4 x 6 = 64 elements per patch and block
     assert vision_activation_bytes(SMALL, 5, 2) == 5 * 64 * 2
     # log-prob op, 32 tokens, V/TP = 128, bf16: unchunked p (fp32) + logits gradient + fp32 scratch in backward
@@ -91,7 +90,7 @@ def test_plan_lines_by_hand():
     assert lines["optimizer"].training == 3272 * 12 // 4  # fp32 main + 2 moments, over DP 4
     assert lines["reference"].training == params * 2  # use_kl_loss is on by default
     # 2 layers + 1 for the gradients of the layer in backward; local attention (the default layer spec)
-    assert lines["activations"].training == 3 * (32 * 128 + 1024) * 2
+    assert lines["activations"].training == 3 * 32 * 120 * 2  # 3 x (2 layers x 1 in flight + 1), 120 per token
     assert lines["logprob"].training == logprob_op_bytes(32, 128, 2, 8)
     assert (lines["engine"].rollout, lines["engine"].training) == ((1 << 20) // 2, 0)  # released while training
     assert plan.total("training") == sum(line.training for line in plan.lines)
@@ -106,7 +105,7 @@ def test_crossmodal_doubles_the_language_model_rows_and_adds_the_kl_op():
     cfg.algorithm.crossmodal_coef = 0.05
     plan = plan_memory(cfg, SMALL, world_size=4, gpu_bytes=1 << 20, image_tokens=0)
     # each micro-batch of 2 rows x 16 tokens carries its 2 text-only copies: the layers see 4 rows (64 tokens)
-    assert plan.line("activations").training == 3 * layer_activation_bytes(SMALL, 64, 16, 4, 1, False, 2, "local", None)
+    assert plan.line("activations").training == 3 * layer_activation_bytes(SMALL, 64, 1, False, 2, None)
     assert plan.line("activations").training > base.line("activations").training
     # the copies' bf16 logits + their gradient (2 x 32 x 128 x 2) and three fp32 [chunk 8, 128] KL buffers
     assert plan.line("crossmodal").training == 2 * 32 * 128 * 2 + 3 * 8 * 128 * 4
@@ -119,7 +118,7 @@ def test_an_overflow_names_its_line_and_settings_that_fit():
     cfg = _small_cfg(micro_batch_size=8)
     cfg.optimizer.mini_batch_size = 32
     with pytest.raises(ValueError) as err:
-        check_fits(cfg, SMALL, 4, 180_000, where="test", image_tokens=0)
+        check_fits(cfg, SMALL, 4, 150_000, where="test", image_tokens=0)
     message = str(err.value)
     assert "overflows at 'activations'" in message and "the training phase" in message
     assert "settings that fit: " in message and "parallel.micro_batch_size=" in message

@@ -1,6 +1,7 @@
 """Token-budget micro-batches (parallel.max_tokens_per_microbatch, train/token_budget.py): the packing on hand-made
-rows, the same micro-batch count on every data-parallel rank (real gloo processes), the config check, and the same
-loss and gradients as fixed micro-batches for every loss aggregation mode (a real Megatron actor)."""
+rows, the same micro-batch count on every data-parallel rank (real gloo processes), the config check, the same loss
+and gradients as fixed micro-batches for every loss aggregation mode (a real Megatron actor), and the rows dealt out
+to data-parallel ranks by cost (balanced_row_order: hand-worked, and the same step at DP = 2)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,25 @@ def test_equal_count_splits_the_costliest_microbatches():
     assert equal_count(bins, 5, TOKENS, PATCHES, 8, 64) == [[1], [4], [2], [3], [0, 5]]
     with pytest.raises(ValueError, match="6 rows cannot fill 7 micro-batches"):
         equal_count(bins, 7, TOKENS, PATCHES, 8, 64)
+
+
+def test_balanced_row_order_deals_each_minibatch_out_by_cost():
+    """Hand-worked: 2 ranks, 2 mini-batches of 2 rows per rank. Contiguous blocks: rank 0 = rows 0-3, rank 1 = rows
+    4-7; mini-batch 0 = slots {0, 1, 4, 5}, mini-batch 1 = slots {2, 3, 6, 7}."""
+    costs = [10, 1, 1, 1, 9, 2, 2, 2]
+    order = token_budget.balanced_row_order(costs, dp=2, local_mini=2)
+    # mini-batch 0: rows 0 (10), 4 (9), 5 (2), 1 (1) -> rank 0 gets 10, then 1 after rank 1's 9 + 2: {0, 1} = 11 vs
+    # {4, 5} = 11. mini-batch 1: rows 6, 7 (2), 2, 3 (1) -> 6 to rank 0, 7 to rank 1, 2 to rank 0, 3 to rank 1
+    assert order == [0, 1, 2, 6, 4, 5, 3, 7]
+    assert sorted(order) == list(range(8))
+    minibatch = {0: {0, 1, 4, 5}, 1: {2, 3, 6, 7}}
+    for k, slots in minibatch.items():  # each mini-batch keeps its rows
+        assert {order[s] for s in slots} == slots
+    before = [sum(costs[r] for r in range(4)), sum(costs[r] for r in range(4, 8))]
+    after = [sum(costs[order[s]] for s in range(4)), sum(costs[order[s]] for s in range(4, 8))]
+    assert before == [13, 15] and after == [14, 14]
+    with pytest.raises(ValueError, match="mini-batches of 3"):
+        token_budget.balanced_row_order(costs, dp=2, local_mini=3)
 
 
 def _count_worker(rank: int, out_dir: str) -> None:
@@ -127,13 +147,18 @@ def _exact_worker(rank: int, world: int, micro_batch_size: int, out_dir: str) ->
     try:
         hf_config = tiny_qwen2_5_vl_config(vocab_size=331, num_layers=2)
         model_cfg = ModelConfig(params_dtype="float32")
+        torch.manual_seed(0)  # the same random weights on every rank (a run loads them from the HF checkpoint)
         actor = MegatronActor(hf_config, model_cfg, OptimizerConfig(lr=0.0, weight_decay=0.0, grad_clip=0.0), 10)
-        exp, advantages = _step_rows(hf_config)
+        step, step_advantages = _step_rows(hf_config)
         rows = torch.arange(6).chunk(world)[rank]  # rl_step.data_parallel_rows: contiguous blocks
-        advantages = advantages[rows]
-        results = {"lengths": exp.lengths[rows].tolist(), "own_count": len(token_budget.budget_parts(
-            rows, exp.lengths, exp.image_grid_thw, 120, 8, exp.input_ids.shape[1]))}
-        for name, budget in (("fixed", None), ("budget", 120)):
+        # the rows of the step reordered as rl_step.balance_data_parallel does (one mini-batch of 6)
+        order = token_budget.balanced_row_order(token_budget.row_costs(
+            step.lengths, step.image_grid_thw, 6, 8, step.input_ids.shape[1]), world, 6 // world)
+        results = {"lengths": step.lengths[rows].tolist(), "order": order, "own_count": len(token_budget.budget_parts(
+            rows, step.lengths, step.image_grid_thw, 120, 8, step.input_ids.shape[1]))}
+        for name, budget, exp, advantages in (("fixed", None, step, step_advantages[rows]),
+                                              ("budget", 120, step, step_advantages[rows]),
+                                              ("balanced", 120, step.select(order), step_advantages[order][rows])):
             cfg = RunConfig(model=model_cfg, parallel=ParallelConfig(micro_batch_size=micro_batch_size,
                                                                      max_tokens_per_microbatch=budget))
             cfg.optimizer.mini_batch_size = 6
@@ -202,8 +227,17 @@ def test_budget_microbatches_at_two_data_parallel_ranks(tmp_path):
     for r in ranks:
         _assert_same_step(r["fixed"], r["budget"], r["lengths"])
     for mode in LOSS_AGG_MODES:
-        total = [sum(r[name][mode]["loss"] for r in ranks) for name in ("fixed", "budget")]
+        total = [sum(r[name][mode]["loss"] for r in ranks) for name in ("fixed", "budget", "balanced")]
         assert total[1] == pytest.approx(total[0], abs=1e-5), mode
+        assert total[2] == pytest.approx(total[0], abs=1e-5), mode
+    # balanced: the ranks' blocks were rows {0,1,2} / {3,4,5}; the reordered step deals them out by cost, and the
+    # all-reduced gradients are those of the original order
+    assert ranks[0]["order"] != list(range(6)), ranks[0]["order"]
+    for r in ranks:
+        for mode in LOSS_AGG_MODES:
+            for name, grad in r["fixed"][mode]["grads"].items():
+                torch.testing.assert_close(r["balanced"][mode]["grads"][name], grad, rtol=0, atol=1e-5,
+                                           msg=f"{mode} {name}")
 
 
 @pytest.fixture(scope="module")

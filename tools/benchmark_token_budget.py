@@ -9,7 +9,10 @@ The budget defaults to the cost of the costliest fixed micro-batch (rows x padde
 train/token_budget.py), so token budgets never hold more in one micro-batch than the fixed split did. Both splits
 run the same rl_step.update_policy (one optimizer step over the whole step at lr 0, so every repeat sees the same
 weights), timed interleaved (fixed, budget, fixed, ...). Reports each split's micro-batch count, padding fraction
-(padded token slots / all token slots), vision patches, update time (median, min, max) and real tokens/s.
+(padded token slots / all token slots), vision patches, update time (median, min, max) and real tokens/s. Then,
+for --dp data-parallel ranks (default 2), each rank's cost of the step (padded tokens + patches of its micro-batches)
+with the rows in contiguous blocks and reordered by token_budget.balanced_row_order (arithmetic: bench/padding.py
+rank_costs, no model run).
 """
 
 from __future__ import annotations
@@ -57,11 +60,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="language layers of the tiny model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dp", type=int, default=2, help="data-parallel ranks of the rank-balance report")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
     from mssr_megatron.algorithms.losses import compute_policy_loss
-    from mssr_megatron.bench.padding import microbatch_stats, update_microbatches
+    from mssr_megatron.bench.padding import microbatch_stats, rank_costs, update_microbatches
     from mssr_megatron.config import AlgorithmConfig, ModelConfig, OptimizerConfig, ParallelConfig, RunConfig
     from mssr_megatron.models.tiny_hf import tiny_qwen2_5_vl_config
     from mssr_megatron.parallel import destroy_megatron, init_megatron
@@ -103,6 +107,7 @@ def main() -> None:
                 if i >= args.warmup:
                     seconds[name].append(time.perf_counter() - start)
         real = int(exp.lengths.sum())
+        balance = rank_costs(exp, args.dp, args.rows // args.dp, budget)
         for name in splits:
             s = seconds[name]
             stats[name].update(median_s=statistics.median(s), min_s=min(s), max_s=max(s), seconds=s,
@@ -112,7 +117,8 @@ def main() -> None:
                   "machine": platform.node(), "real_tokens": real,
                   "time_ratio_budget_over_fixed": stats["budget"]["median_s"] / stats["fixed"]["median_s"],
                   "time_ratio_paired_median": statistics.median(
-                      b / f for b, f in zip(seconds["budget"], seconds["fixed"])), "splits": stats}
+                      b / f for b, f in zip(seconds["budget"], seconds["fixed"])), "splits": stats,
+                  "data_parallel_balance": dict(balance, dp=args.dp)}
     finally:
         destroy_megatron()
     print(f"{args.rows} rows, {real} real tokens, budget {budget}, {args.repeats} timed updates after "
@@ -125,6 +131,9 @@ def main() -> None:
               f"{s['tokens_per_s']:>11.1f}")
     print(f"budget / fixed update time: {result['time_ratio_budget_over_fixed']:.2f}x of the medians, "
           f"{result['time_ratio_paired_median']:.2f}x median of the interleaved pairs")
+    for name, b in balance.items():
+        print(f"{args.dp} data-parallel ranks, {name} rows: cost per rank {b['per_rank']} (padded tokens + patches), "
+              f"costliest / mean {b['max_over_mean']:.3f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

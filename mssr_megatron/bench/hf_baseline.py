@@ -10,7 +10,7 @@ micro-batches); then gradient-norm clipping at optimizer.grad_clip and one AdamW
 weight decay from the config; no decay on biases and 1-D weights, as Megatron's optimizer groups them).
 Timed on both sides: forward, backward, clipping, optimizer step, zero_grad. Megatron's time also holds what its
 train_step adds (DDP gradient buffers, the non-finite gradient check, the LR scheduler); the HF loop has none of it.
-Attention: HF's default ("sdpa") here, Megatron's local layer spec (unfused matmul + masked softmax) there.
+Attention: torch's SDPA on both sides (HF's default "sdpa"; the local layer spec's models/sdpa_attention.py).
 The weights start as the rollout engine's (= the policy's after the last sync), so the PPO ratios start near 1.
 """
 

@@ -8,7 +8,8 @@ model.vision_balance=replicate every rank encodes every image, and its gradients
 input's gradient is already all-reduced over TP by the first column-parallel layer, so every TP rank computes the same
 vision gradients. With tp_balanced each rank encodes its share of the images (vision_balance.py), and the tower's
 gradients are summed over TP before each optimizer step (actor.py: vision_balance.allreduce_vision_grads).
-Layer spec: the local spec (CPU, GPU without Transformer Engine) or Transformer Engine with FP8 settings.
+Layer spec: the local spec with SDPA core attention (CPU, GPU without Transformer Engine) or Transformer Engine with
+FP8 settings.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from mssr_megatron.models.rope_index import mrope_position_ids
+from mssr_megatron.models.sdpa_attention import with_sdpa_core_attention
 from mssr_megatron.models.sequence_parallel_norm import sequence_parallel_block_spec
 
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
@@ -54,7 +56,8 @@ def layer_spec_arguments(model_cfg) -> tuple[str, dict]:
 
 
 def layer_spec(model_cfg):
-    """The transformer layer spec for model.transformer_impl: 'local' or 'transformer_engine'.
+    """The transformer layer spec for model.transformer_impl: 'local' (megatron's local spec with torch's fused SDPA as
+    core attention, sdpa_attention.py) or 'transformer_engine'.
 
     The Transformer Engine spec (and FP8 through it) is GPU-only: not run (no GPU was available); on CPU its builder
     arguments are bound against megatron-core's signature and the missing-TE / FP8-device errors are tested."""
@@ -71,7 +74,10 @@ def layer_spec(model_cfg):
     elif model_cfg.fp8 is not None:
         raise RuntimeError("model.fp8 needs model.transformer_impl=transformer_engine (Transformer Engine, GPU)")
     builder, kwargs = layer_spec_arguments(model_cfg)
-    return getattr(gpt_layer_specs, builder)(**kwargs)
+    spec = getattr(gpt_layer_specs, builder)(**kwargs)
+    if model_cfg.transformer_impl == "local":  # torch's fused SDPA in place of the unfused DotProductAttention
+        spec = with_sdpa_core_attention(spec)
+    return spec
 
 
 def _check_fp8_device(model_cfg) -> None:

@@ -82,9 +82,9 @@ class MemoryPlan:
                 "lines": [asdict(line) for line in self.lines], "inputs": self.inputs}
 
 
-def layer_activation_bytes(shape: ModelShape, tokens: int, seq: int, micro_batch: int, tp: int, sp: bool,
-                           dtype_bytes: int, attention: str, recompute: str | None) -> int:
-    """Bytes one language-model layer keeps for backward for one micro-batch of `tokens` = seq x micro_batch.
+def layer_activation_bytes(shape: ModelShape, tokens: int, tp: int, sp: bool, dtype_bytes: int,
+                           recompute: str | None) -> int:
+    """Bytes one language-model layer keeps for backward for one micro-batch of `tokens` (rows x sequence).
 
     Saved tensors (elements per token; H hidden, I intermediate, a/k query/key-value heads of dimension d):
       4 H      the inputs of the two RMSNorms and of the QKV and FC1 linears (/ TP with sequence parallelism:
@@ -92,9 +92,9 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, seq: int, micro_batch
       (a + 2k) d / TP   Q after RoPE and K, V as the core attention receives them
       a d / TP the attention output, input of the output projection
       4 I / TP FC1's output (2I, kept whole for SiLU), SiLU's output (I) and the product (I), FC2's input
-    attention="local" (torch): K and V repeated to a heads (+ 2 (a - k) d / TP) and the softmax output,
-    a / TP x seq x seq per sequence; "flash" (Transformer Engine) keeps only a per-row log-sum-exp.
-    recompute "selective": the core attention is recomputed (its inputs stay; scores and repeats go).
+    The core attention itself (Transformer Engine's fused attention, or torch's SDPA in the local spec,
+    models/sdpa_attention.py) keeps only a per-row log-sum-exp, a / TP floats per token: not counted (nor under
+    recompute "selective", which recomputes the core attention and keeps its inputs).
     recompute "full": only the layer's input, H (/ TP with SP), is kept; `plan_memory` adds one layer's worth.
     """
     h, d, a, k, i = shape.hidden, shape.head_dim, shape.heads, shape.kv_heads, shape.intermediate
@@ -102,11 +102,7 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, seq: int, micro_batch
     if recompute == "full":
         return tokens * h // split * dtype_bytes
     per_token = 4 * h / split + ((a + 2 * k) * d + a * d + 4 * i) / tp
-    scores = 0
-    if attention == "local" and recompute != "selective":
-        per_token += 2 * (a - k) * d / tp
-        scores = micro_batch * a // tp * seq * seq
-    return int((tokens * per_token + scores) * dtype_bytes)
+    return int(tokens * per_token * dtype_bytes)
 
 
 def vision_activation_bytes(shape: ModelShape, patches: int, dtype_bytes: int) -> int:
@@ -164,8 +160,7 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
     opt_bytes = trained * opt_per_param // (dp if dist_opt else 1)
     needs_ref = cfg.algorithm.use_kl_loss or cfg.algorithm.kl_in_reward or cfg.algorithm.baseline.rho_rule == "kl_window"
 
-    attention = "flash" if m.transformer_impl == "transformer_engine" else "local"
-    per_layer = layer_activation_bytes(shape, lm_tokens, seq, lm_rows, tp, p.sequence_parallel, b, attention,
+    per_layer = layer_activation_bytes(shape, lm_tokens, tp, p.sequence_parallel, b,
                                        m.recompute_granularity)
     layers = shape.layers // pp
     in_flight = min(pp - stage, max(cfg.optimizer.mini_batch_size // (dp * p.micro_batch_size), 1))
@@ -173,8 +168,8 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
     activations = per_layer * (layers * in_flight + 1)
     if m.recompute_granularity == "full":  # one recompute unit is live again during its backward
         unit = m.recompute_num_layers if m.recompute_method == "uniform" else 1
-        activations += unit * layer_activation_bytes(shape, lm_tokens, seq, lm_rows, tp, p.sequence_parallel,
-                                                     b, attention, None)
+        activations += unit * layer_activation_bytes(shape, lm_tokens, tp, p.sequence_parallel,
+                                                     b, None)
     vision_act = (vision_activation_bytes(shape, image_tokens * shape.v_merge ** 2 * p.micro_batch_size, b) * in_flight
                   if stage == 0 and m.train_vision else 0)
     vocab_local = shape.padded_vocab(tp) // tp
@@ -189,7 +184,7 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
     unchunked = logprob_op_bytes(tokens, vocab_local, b, None) if last else 0
     no_dist = trained * opt_per_param
     recompute_alts = {g: per_layer_alt * (layers * in_flight + 1) for g, per_layer_alt in (
-        (g, layer_activation_bytes(shape, lm_tokens, seq, lm_rows, tp, p.sequence_parallel, b, attention, g))
+        (g, layer_activation_bytes(shape, lm_tokens, tp, p.sequence_parallel, b, g))
         for g in (None, "selective", "full"))}
     lines = [
         Line("weights", f"weights ({m.params_dtype})", params * b, params * b,

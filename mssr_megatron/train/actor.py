@@ -29,7 +29,7 @@ from mssr_megatron.models.provider import build_model, module_device, run_microb
 from mssr_megatron.models.qwen2_5_vl import padded_vocab_size
 from mssr_megatron.ops import vocab_parallel_logprobs_entropy
 from mssr_megatron.train.crossmodal import PAIRED_KEY, split_paired_output
-from mssr_megatron.train.finite_check import NonFiniteError, nonfinite_weight
+from mssr_megatron.train.finite_check import NonFiniteError, nonfinite_gradient, nonfinite_weight
 
 _LR_STYLES = {"constant": "constant", "cosine": "cosine", "linear": "linear"}
 
@@ -234,16 +234,8 @@ class MegatronActor:
 
         from mssr_megatron.parallel import collective_device
 
-        found = None
-        if any(not torch.isfinite(r["loss"]).all() for r in reports):
-            found = "loss"
-        else:
-            for name, param in self.module.named_parameters():
-                grad = getattr(param, "main_grad", None)
-                grad = param.grad if grad is None else grad
-                if grad is not None and not torch.isfinite(grad).all():
-                    found = f"gradient of {name}"
-                    break
+        loss_bad = any(not torch.isfinite(r["loss"]).all() for r in reports)
+        found = "loss" if loss_bad else nonfinite_gradient(self.model)
         flag = torch.tensor([0.0 if found is None else 1.0], device=collective_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -42,6 +42,17 @@ class Experience:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def select(self, order: list[int]) -> "Experience":
+        """The rows in `order` (row i of the result is row order[i] of this one), every per-row field alike."""
+        index = torch.as_tensor(order, dtype=torch.long)
+        return Experience(
+            prompt_keys=[self.prompt_keys[i] for i in order], group_index=self.group_index[index],
+            rewards=self.rewards[index], input_ids=self.input_ids[index], position_ids=self.position_ids[:, index],
+            response_mask=self.response_mask[index], rollout_logprobs=self.rollout_logprobs[index],
+            pixel_values=[self.pixel_values[i] for i in order] if self.pixel_values else [],
+            image_grid_thw=[self.image_grid_thw[i] for i in order] if self.image_grid_thw else [],
+            lengths=None if self.lengths is None else self.lengths[index])
+
     def microbatches(self, rows: torch.Tensor | list[int], micro_batch_size: int, width_multiple: int | None = None,
                      same_width: bool = False) -> list[dict]:
         """Micro-batches of the given rows; each carries `rows` (indices into this Experience) so a loss can pick

@@ -80,6 +80,22 @@ def nonfinite_weight(module) -> str | None:
     return agreed(_first_nonfinite((f"weight {name}", p) for name, p in module.named_parameters()))
 
 
+def nonfinite_gradient(ddp_model) -> str | None:
+    """The first parameter whose accumulated gradient holds a NaN/Inf on THIS rank ("gradient of <name>"), or None.
+    Reads megatron DDP's contiguous gradient buffers (every trained parameter's main_grad is a view into one): one
+    aminmax per buffer, and the parameters are searched for the name only when a buffer is non-finite (one
+    isfinite().all() per parameter took 0.19 s per update on a 100M model, the buffers take a few ms)."""
+    buffers = getattr(ddp_model, "buffers", None)
+    if isinstance(buffers, list):  # megatron DDP (an nn.Module's buffers is a method)
+        grads = [("gradient buffer", b.grad_data) for b in buffers + list(ddp_model.expert_parallel_buffers)]
+        if _first_nonfinite(grads) is None:
+            return None
+    module = getattr(ddp_model, "module", ddp_model)
+    named = ((f"gradient of {name}", getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None
+              else p.grad) for name, p in module.named_parameters())
+    return _first_nonfinite((name, grad) for name, grad in named if grad is not None)
+
+
 def _optimizer_tensors(optimizer, module) -> Iterator[tuple[str, object]]:
     """(name, tensor) of every parameter the inner torch optimizers update and of their state tensors."""
     names = {id(p): name for name, p in module.named_parameters()}  # FP32Optimizer: Adam updates these themselves

@@ -110,7 +110,7 @@ def make_experience(ctx: RunContext, records, rollouts, rewards) -> Experience:
         if index not in images_cache:
             images_cache[index] = _pixel_values(ctx, records[index], prompt_format)
         images.append(images_cache[index])
-    return build_experience(
+    exp = build_experience(
         rollouts, rewards, [records[int(r.request_id)].prompt_id for r in rollouts],
         [int(r.request_id) for r in rollouts], images,
         image_token_id=ctx.hf_config.image_token_id,
@@ -118,6 +118,23 @@ def make_experience(ctx: RunContext, records, rollouts, rewards) -> Experience:
         pad_id=ctx.processor.tokenizer.pad_token_id,
         pad_to_multiple=sequence_multiple(ctx.cfg.model, ctx.cfg.parallel),
     )
+    return balance_data_parallel(ctx, exp)
+
+
+def balance_data_parallel(ctx: RunContext, exp: Experience) -> Experience:
+    """With parallel.max_tokens_per_microbatch and data parallelism: the step's rows reordered so that the ranks'
+    blocks cost about the same in every mini-batch (token_budget.balanced_row_order; each mini-batch keeps its rows).
+    Every rank holds the same Experience and computes the same order: no collective. Unchanged otherwise."""
+    from megatron.core import parallel_state as ps
+
+    from mssr_megatron.train.token_budget import balanced_row_order, row_costs
+
+    p, dp = ctx.cfg.parallel, ps.get_data_parallel_world_size()
+    if p.max_tokens_per_microbatch is None or dp == 1:
+        return exp
+    costs = row_costs(exp.lengths, exp.image_grid_thw, len(exp), sequence_multiple(ctx.cfg.model, p),
+                      exp.input_ids.shape[1])
+    return exp.select(balanced_row_order(costs, dp, ctx.cfg.optimizer.mini_batch_size // dp))
 
 
 def with_responses(ctx: RunContext, exp: Experience, responses: list) -> Experience:

@@ -20,8 +20,14 @@ similar length, so the padding stays small. A row whose own cost is over the bud
 
 Every data-parallel rank must run the same number of micro-batches (one schedule per optimizer step, the same
 gradient-reduction calls on every rank): `equal_count` splits the costliest micro-batches (those with >= 2 rows) in
-two until a rank has the count the busiest rank needs. Rows are not moved between ranks: each rank keeps its
-contiguous rl_step.data_parallel_rows block, which the algorithm pipeline's per-row gathers (gather_rows) assume.
+two until a rank has the count the busiest rank needs.
+
+Balance across data-parallel ranks: each rank trains on its contiguous rl_step.data_parallel_rows block (the
+algorithm pipeline's per-row gathers, gather_rows, assume it), so the step waits for the rank whose block costs most.
+`balanced_row_order` reorders the step's rows once (rl_step.make_experience, with a budget and DP > 1) so that, in
+every mini-batch, the ranks' blocks cost about the same (row cost: padded tokens + patches). A global mini-batch keeps
+its rows; only which rank runs which of them changes, so the step's losses and gradients are those of the original
+order (tests/test_token_budget.py).
 
 Losses stay exact: every loss term divides by the mini-batch's global token (or sequence) count
 (algorithms/losses.py `normalizer`), and a row lies wholly in one micro-batch, so any grouping of the rows sums to the
@@ -101,6 +107,42 @@ def equal_count(bins: list[list[int]], count: int, tokens: list[int], patches: l
         half = -(-len(by_length) // 2)
         bins[i:i + 1] = [sorted(by_length[:half]), sorted(by_length[half:])]
     return bins
+
+
+def row_costs(lengths, image_grid_thw: list, rows: int, multiple: int, full_width: int) -> list[int]:
+    """Cost of each of `rows` rows on its own: its tokens padded to the sequence multiple + its image patches (module
+    docstring). lengths: real tokens per row [B], or None (every row fills full_width); image_grid_thw: per-row grids
+    (may be empty)."""
+    tokens = [full_width] * rows if lengths is None else [int(n) for n in lengths]
+    patches = row_patches(image_grid_thw) if image_grid_thw else [0] * rows
+    return [padded_width(t, multiple, full_width) + p for t, p in zip(tokens, patches)]
+
+
+def balanced_row_order(costs: list[int], dp: int, local_mini: int) -> list[int]:
+    """A permutation of the step's rows (order[slot] = row) that evens out the data-parallel ranks' costs.
+
+    Slots keep their meaning: rank r trains on slots [r * per, (r + 1) * per) (per = B / dp), its mini-batch k on
+    slots k * local_mini .. of that block. The rows of global mini-batch k (its slots over all ranks) stay in that
+    mini-batch; they are dealt to the ranks by cost, descending (ties: lower row first), each to the rank with the
+    smallest total so far among those with room (ties: lower rank), then put in row order within each rank.
+    costs: per row (row_costs); dp: data-parallel size; local_mini: rows per rank and mini-batch."""
+    rows = len(costs)
+    if rows % dp or (rows // dp) % local_mini:
+        raise ValueError(f"{rows} rows do not split into {dp} data-parallel blocks of mini-batches of {local_mini}")
+    per, order = rows // dp, list(range(rows))
+    for start in range(0, per, local_mini):
+        slots = [list(range(r * per + start, r * per + start + local_mini)) for r in range(dp)]
+        members = sorted((row for block in slots for row in block), key=lambda i: (-costs[i], i))
+        taken: list[list[int]] = [[] for _ in range(dp)]
+        totals = [0] * dp
+        for row in members:
+            rank = min((r for r in range(dp) if len(taken[r]) < local_mini), key=lambda r: (totals[r], r))
+            taken[rank].append(row)
+            totals[rank] += costs[row]
+        for block, mine in zip(slots, taken):
+            for slot, row in zip(block, sorted(mine)):
+                order[slot] = row
+    return order
 
 
 def padding_fraction(bins: list[list[int]], tokens: list[int], multiple: int, full_width: int) -> float:
