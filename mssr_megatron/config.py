@@ -46,7 +46,8 @@ class ModelConfig:
     params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Dtype of the Megatron parameters and activations (optimizer master weights stay float32)."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
-    """Megatron layer spec: plain torch ('local', CPU and GPU) or Transformer Engine (GPU only, needed for FP8)."""
+    """Megatron layer spec: plain torch with SDPA attention ('local', CPU and GPU) or Transformer Engine (GPU only,
+    needed for FP8)."""
     fp8: Literal[None, "e4m3", "hybrid"] = None
     """FP8 training format (Transformer Engine only); null = no FP8."""
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
@@ -88,7 +89,8 @@ class ParallelConfig:
     micro_batch_size: int = 1
     """Rollouts per micro-batch (one forward/backward) on each data-parallel rank."""
     max_tokens_per_microbatch: int | None = None
-    """Micro-batch token budget (rows x padded width + image patches: train/token_budget.py); null: fixed rows."""
+    """Micro-batch token budget (rows x padded width + image patches; rows also dealt to DP ranks by cost:
+    train/token_budget.py); null: fixed rows."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: 'auto' = nccl with CUDA, gloo otherwise."""
     timeout_minutes: float = 60.0

@@ -2,7 +2,8 @@
 TP2 on gloo (2 real processes) the same logits and gradients as `replicate` (<= 1e-5), each rank encoding about half
 of the patches, and the vision weights bit-identical across the TP group after 2 optimizer steps; micro-batches with
 several images of different sizes, with one image (one rank encodes nothing) and with none; mssr bench's vision
-phase on them (patches per rank by hand); and TP2 x DP2 with the distributed optimizer and clipping (4 processes)."""
+phase on them (patches per rank by hand); TP2 x DP2 with the distributed optimizer and clipping, and TP2 x PP2
+(4 processes each)."""
 
 from __future__ import annotations
 
@@ -255,3 +256,51 @@ def test_tp_balanced_with_data_parallel_distributed_optimizer(tmp_path):
         for name, weight in got["vision"].items():
             assert torch.equal(weight, ranks[0]["tp_balanced"]["vision"][name]), name  # all 4 ranks bit-identical
             torch.testing.assert_close(weight, want["vision"][name], atol=1e-5, rtol=0, msg=name)
+
+
+def _pp2_worker(rank: int, out_dir: str) -> None:
+    """TP2 x PP2: the tower lives on the first stage only (its TP pair sums the tower's gradients), the loss on the
+    last. Two micro-batches of one shape (the stages exchange fixed shapes): micro-batch 0 and a copy of it."""
+    from megatron.core import parallel_state as ps
+
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+
+    init_megatron(2, 2, seed=0)
+    try:
+        cfg, state, micro, masks = _case()
+        batch = dict(micro[0], row_mask=masks[0])
+        tokens = 2 * masks[0].sum()
+
+        def nll(logprobs, entropy, b):
+            return -(logprobs * b["row_mask"]).sum() / tokens, {}
+
+        result = {"first_stage": ps.is_pipeline_first_stage(), "last_stage": ps.is_pipeline_last_stage()}
+        for balance in ("replicate", "tp_balanced"):
+            actor = _actor(cfg, state, balance, grad_clip=0.05)
+            steps = [actor.train_step([batch, dict(batch)], nll) for _ in range(2)]
+            vision = actor.module.vision_model
+            result[balance] = {"grad_norms": [s["actor/grad_norm"] for s in steps],
+                               "losses": [s.get("actor/loss") for s in steps],
+                               "vision": None if vision is None else {
+                                   n: p.detach().clone() for n, p in vision.named_parameters()}}
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        destroy_megatron()
+
+
+@pytest.mark.slow
+def test_tp_balanced_with_pipeline_parallelism(tmp_path):
+    spawn(_pp2_worker, 4, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    first = [r for r in ranks if r["first_stage"]]
+    last = [r for r in ranks if r["last_stage"]]
+    assert len(first) == 2 and len(last) == 2 and all(r["tp_balanced"]["vision"] is None for r in last)
+    want = ranks[0]["replicate"]
+    assert want["grad_norms"][0] > 0.05  # clipping active: the norm covers the tower's summed gradients too
+    for result in ranks:
+        assert result["tp_balanced"]["grad_norms"] == pytest.approx(want["grad_norms"], abs=1e-5)
+    for result in last:
+        assert result["tp_balanced"]["losses"] == pytest.approx(result["replicate"]["losses"], abs=1e-6)
+    for name, weight in first[0]["tp_balanced"]["vision"].items():
+        assert torch.equal(weight, first[1]["tp_balanced"]["vision"][name]), name  # the TP pair bit-identical
+        torch.testing.assert_close(weight, first[0]["replicate"]["vision"][name], atol=1e-5, rtol=0, msg=name)
