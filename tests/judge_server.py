@@ -59,7 +59,18 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # quiet: the tests read /stats instead
         pass
 
+    _counted = False  # this connection's chat request is counted in flight
+
+    def _leave(self) -> None:
+        """Stop counting the chat request in flight: before its response is written, since a client that has the
+        response may send its next request before this thread runs again (it would be counted twice at once)."""
+        if self._counted:
+            self._counted = False
+            with STATE.lock:
+                STATE.in_flight -= 1
+
     def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self._leave()
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -103,11 +114,11 @@ class Handler(BaseHTTPRequestHandler):
             STATE.by_prompt[digest] += 1
             seen = STATE.by_prompt[digest]
             STATE.auth = self.headers.get("Authorization")
+            self._counted = True
         try:
             self._answer(_MARKER.search(prompt), seen)
         finally:
-            with STATE.lock:
-                STATE.in_flight -= 1
+            self._leave()  # no response written (the process is exiting, or an error)
 
     def _answer(self, marker: re.Match | None, seen: int) -> None:
         mode = marker.group(1) if marker else "correct"

@@ -1,0 +1,93 @@
+"""torch_linears_at_tp1 (models/qwen2_5_vl.py): at TP = 1 megatron's linear layers run as F.linear. Checked against
+megatron's own path (LinearWithGradAccumulationAndAsyncCommunication) on the same layer: the same output and the same
+input, weight and bias gradients; the model switches every Column/RowParallelLinear of its language model at TP = 1
+and none where the conditions fail. The whole model's logits and gradients against Hugging Face's stay the job of
+tests/test_qwen2_5_vl_parity.py. Megatron runs in this process (one gloo rank, megatron_patches.cpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def megatron():
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+
+    with pytest.MonkeyPatch.context() as mp:  # a private world: no launcher variables (test_device.py)
+        for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE"):
+            mp.delenv(name, raising=False)
+        init_megatron(1, 1, seed=0, device="cpu")
+        try:
+            yield
+        finally:
+            destroy_megatron()
+
+
+def _config(**extra):
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True,
+                             **extra)
+
+
+def _run(layer, x):
+    x = x.clone().requires_grad_()
+    out, bias = layer(x)
+    out = out if bias is None else out + bias
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * weight).sum().backward()
+    grads = [x.grad] + [p.grad if p.grad is not None else p.main_grad for p in layer.parameters()]
+    return [out.detach()] + [g.detach().clone() for g in grads]
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_a_switched_layer_matches_megatrons_own_path(megatron, kind):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from mssr_megatron.models.qwen2_5_vl import torch_linears_at_tp1
+
+    config = _config()
+    cls = ColumnParallelLinear if kind == "column" else RowParallelLinear
+    extra = dict(gather_output=False) if kind == "column" else dict(input_is_parallel=True)
+    torch.manual_seed(0)
+    reference = cls(16, 24, config=config, init_method=torch.nn.init.normal_, bias=True, skip_bias_add=False, **extra)
+    switched = cls(16, 24, config=config, init_method=torch.nn.init.normal_, bias=True, skip_bias_add=False, **extra)
+    switched.load_state_dict(reference.state_dict())
+    holder = torch.nn.Sequential(switched)
+    assert torch_linears_at_tp1(holder, config) == 1 and "_forward_impl" in vars(switched)
+    x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(2))  # [S, B, H]
+    for got, want in zip(_run(switched, x), _run(reference, x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_nothing_is_switched_where_megatron_has_work_to_do(megatron):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    from mssr_megatron.models.qwen2_5_vl import torch_linears_at_tp1
+
+    config = _config()
+    layer = torch.nn.Sequential(ColumnParallelLinear(16, 24, config=config, init_method=torch.nn.init.normal_,
+                                                     bias=False, gather_output=False))
+    for field, value in (("tensor_model_parallel_size", 2), ("sequence_parallel", True),
+                         ("gradient_accumulation_fusion", True), ("defer_embedding_wgrad_compute", True)):
+        old = getattr(config, field)
+        setattr(config, field, value)  # the check reads the config's fields only
+        try:
+            assert torch_linears_at_tp1(layer, config) == 0, field
+        finally:
+            setattr(config, field, old)
+    assert "_forward_impl" not in vars(layer[0])
+
+
+def test_the_model_switches_its_language_model_linears_at_tp1(megatron):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from mssr_megatron.config import ModelConfig
+    from mssr_megatron.models.provider import build_model
+    from mssr_megatron.models.tiny_hf import tiny_qwen2_5_vl_config
+
+    model = build_model(tiny_qwen2_5_vl_config(vocab_size=331, num_layers=2), ModelConfig(params_dtype="float32"))
+    linears = [m for m in model.language_model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    assert len(linears) == 2 * 4 + 1  # per layer QKV, projection, FC1, FC2; the output layer
+    assert all("_forward_impl" in vars(m) for m in linears)
