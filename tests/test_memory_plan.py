@@ -112,6 +112,22 @@ def test_crossmodal_doubles_the_language_model_rows_and_adds_the_kl_op():
     assert base.line("crossmodal").training == 0 and plan.line("logprob").training == base.line("logprob").training
 
 
+def test_a_token_budget_sizes_the_microbatch():
+    """parallel.max_tokens_per_microbatch: one micro-batch holds at most the budget's token slots (a longer row runs
+    alone: one full row of 16) and at most the budget's vision patches."""
+    cfg = _small_cfg(max_tokens_per_microbatch=40)
+    cfg.model.train_vision = True
+    plan = plan_memory(cfg, SMALL, world_size=4, gpu_bytes=1 << 20, image_tokens=0)
+    # 2 layers x 1 in flight + 1: 3 x the layer's bytes for 40 tokens; the vision tower at 40 patches
+    assert plan.line("activations").training == (3 * layer_activation_bytes(SMALL, 40, 1, False, 2, None)
+                                                 + vision_activation_bytes(SMALL, 40, 2))
+    assert plan.line("logprob").training == logprob_op_bytes(40, 128, 2, 8)
+    assert "token budget 40" in plan.line("activations").note
+    small = plan_memory(_small_cfg(max_tokens_per_microbatch=4), SMALL, world_size=4, gpu_bytes=1 << 20,
+                        image_tokens=0)
+    assert small.line("logprob").training == logprob_op_bytes(16, 128, 2, 8)  # one row of 16 tokens over the budget
+
+
 def test_an_overflow_names_its_line_and_settings_that_fit():
     from mssr_megatron.plan.report import check_fits
 

@@ -12,7 +12,9 @@ GPU does; per_dp_group and single: the engines' GPUs), in bytes:
   reference      the frozen reference policy's weights, when the KL loss or the kl_window rule needs it
   activations    what one 1F1B pass keeps for backward: per layer and micro-batch (see `layer_activation_bytes`)
                  x layers x micro-batches in flight (PP of them on the first stage), + one layer's worth for the
-                 gradients of the layer in backward, + the trained vision tower
+                 gradients of the layer in backward, + the trained vision tower. A micro-batch holds micro_batch_size
+                 full rows, or under parallel.max_tokens_per_microbatch at most the budget's token slots (one full
+                 row if longer) and at most the budget's patches (an upper bound: the budget counts both together)
   log-prob op    the logits of one micro-batch and the fused log-prob op's buffers (chunked or not)
   cross-modal    with algorithm.crossmodal_coef != 0 each micro-batch carries a text-only copy of its rows
                  (train/crossmodal.py): the language model's activations are those of 2 x micro_batch_size rows, and
@@ -144,11 +146,16 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
     b = _DTYPE_BYTES[m.params_dtype]
     multiple = sequence_multiple(m, p)
     seq = -(-(cfg.data.max_prompt_tokens + r.max_new_tokens) // multiple) * multiple
-    tokens = seq * p.micro_batch_size
+    budget = p.max_tokens_per_microbatch
+    # token slots of one micro-batch: micro_batch_size full rows, or under a token budget at most the budget (a row
+    # over it runs alone: one full row); the text-only copies of the cross-modal term run in the same micro-batch
+    tokens = seq * p.micro_batch_size if budget is None else max(budget, seq)
     crossmodal = cfg.algorithm.crossmodal_coef != 0.0
-    lm_rows = p.micro_batch_size * (2 if crossmodal else 1)  # the text-only copies run in the same micro-batch
-    lm_tokens = seq * lm_rows
+    lm_tokens = tokens * (2 if crossmodal else 1)
     image_tokens = cfg.data.max_prompt_tokens // 2 if image_tokens is None else image_tokens
+    # vision patches of one micro-batch: image_tokens x merge^2 per rollout, or at most the budget (the budget bounds
+    # token slots + patches together; counting each up to the whole budget is an upper bound)
+    patches = image_tokens * shape.v_merge ** 2 * p.micro_batch_size if budget is None else budget
 
     vision = shape.vision_params()
     stage_params = [shape.language_params(tp, pp, s) + (vision if s == 0 else 0) for s in range(pp)]
@@ -170,8 +177,7 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
         unit = m.recompute_num_layers if m.recompute_method == "uniform" else 1
         activations += unit * layer_activation_bytes(shape, lm_tokens, tp, p.sequence_parallel,
                                                      b, None)
-    vision_act = (vision_activation_bytes(shape, image_tokens * shape.v_merge ** 2 * p.micro_batch_size, b) * in_flight
-                  if stage == 0 and m.train_vision else 0)
+    vision_act = vision_activation_bytes(shape, patches, b) * in_flight if stage == 0 and m.train_vision else 0
     vocab_local = shape.padded_vocab(tp) // tp
     last = stage == pp - 1
     logprob = logprob_op_bytes(tokens, vocab_local, b, m.logprob_chunk_tokens) if last else 0
@@ -196,7 +202,9 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
         Line("reference", f"reference model ({m.params_dtype})", params * b if needs_ref else 0,
              params * b if needs_ref else 0, "" if needs_ref else "not needed (no KL term)"),
         Line("activations", "activations", 0, activations + vision_act if backward_peak else step_scratch,
-             f"mbs {p.micro_batch_size}{' (x2: text-only copies)' if crossmodal else ''} x {seq} tokens x "
+             (f"mbs {p.micro_batch_size} x {seq} tokens" if budget is None else
+              f"token budget {budget} ({tokens} token slots or patches)")
+             + f"{' (x2: text-only copies)' if crossmodal else ''} x "
              f"{in_flight} in flight, recompute "
              f"{m.recompute_granularity or 'none'}; none/selective/full: "
              + "/".join(_gb(v) for v in recompute_alts.values())
