@@ -6,6 +6,7 @@ parent test compares against the Hugging Face reference computed in the parent p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -109,3 +110,21 @@ def per_row_microbatches(inputs) -> list[dict]:
         }
         for i in range(len(patches))
     ]
+
+
+@contextlib.contextmanager
+def megatron_in_this_process(seed: int = 0):
+    """Megatron's parallel state for this one CPU process (TP = PP = 1, one gloo rank), in a private world: the
+    launcher's variables (MASTER_*, RANK, WORLD_SIZE) are hidden meanwhile, so the rank joins no outer job."""
+    import pytest
+
+    from mssr_megatron.parallel import destroy_megatron, init_megatron
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE"):
+            mp.delenv(name, raising=False)
+        init_megatron(1, 1, seed=seed, device="cpu")
+        try:
+            yield
+        finally:
+            destroy_megatron()

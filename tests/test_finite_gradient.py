@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from megatron_harness import per_row_microbatches, tiny_case
+from megatron_harness import megatron_in_this_process, per_row_microbatches, tiny_case
 
 DAMAGED = "language_model.decoder.layers.1.mlp.linear_fc2.weight"
 OTHER = "language_model.decoder.layers.0.self_attention.linear_qkv.weight"  # before DAMAGED in named_parameters
@@ -22,23 +22,16 @@ def actor():
     """A tiny float32 actor after one finite training step (its gradients stay in DDP's buffers)."""
     from mssr_megatron.config import ModelConfig, OptimizerConfig
     from mssr_megatron.models.tiny_hf import published_state_dict
-    from mssr_megatron.parallel import destroy_megatron, init_megatron
     from mssr_megatron.train.actor import MegatronActor
 
-    with pytest.MonkeyPatch.context() as mp:  # a private world: no launcher variables (test_device.py)
-        for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE"):
-            mp.delenv(name, raising=False)
-        init_megatron(1, 1, seed=0, device="cpu")
-        try:
-            cfg, hf, inputs = tiny_case(tied=False)
-            actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"), OptimizerConfig(lr=1e-3), 10)
-            actor.load_hf_state(published_state_dict(hf))
-            actor.micro = per_row_microbatches(inputs)
-            metrics = _step(actor)
-            assert metrics["actor/update_skipped"] == 0.0 and actor.nonfinite is None
-            yield actor
-        finally:
-            destroy_megatron()
+    with megatron_in_this_process():
+        cfg, hf, inputs = tiny_case(tied=False)
+        actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"), OptimizerConfig(lr=1e-3), 10)
+        actor.load_hf_state(published_state_dict(hf))
+        actor.micro = per_row_microbatches(inputs)
+        metrics = _step(actor)
+        assert metrics["actor/update_skipped"] == 0.0 and actor.nonfinite is None
+        yield actor
 
 
 def _step(actor) -> dict:

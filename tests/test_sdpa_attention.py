@@ -13,24 +13,17 @@ import inspect
 import pytest
 import torch
 
+from megatron_harness import megatron_in_this_process
+
 TOL = 1e-5
 SQ, B, HN = 7, 3, 8
 
 
 @pytest.fixture(scope="module")
 def megatron():
-    """Megatron-core's parallel state for one CPU process (DotProductAttention reads the TP group, the global memory
-    buffer and the RNG tracker from it)."""
-    from mssr_megatron.parallel import destroy_megatron, init_megatron
-
-    with pytest.MonkeyPatch.context() as mp:  # a private world: no launcher variables (test_device.py)
-        for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE"):
-            mp.delenv(name, raising=False)
-        init_megatron(1, 1, seed=0, device="cpu")
-        try:
-            yield
-        finally:
-            destroy_megatron()
+    """Megatron-core's parallel state for one CPU process."""
+    with megatron_in_this_process():
+        yield
 
 
 def _config(heads: int = 4, groups: int = 2, **extra):

@@ -9,19 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_harness import megatron_in_this_process
+
 
 @pytest.fixture(scope="module")
 def megatron():
-    from mssr_megatron.parallel import destroy_megatron, init_megatron
-
-    with pytest.MonkeyPatch.context() as mp:  # a private world: no launcher variables (test_device.py)
-        for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE"):
-            mp.delenv(name, raising=False)
-        init_megatron(1, 1, seed=0, device="cpu")
-        try:
-            yield
-        finally:
-            destroy_megatron()
+    with megatron_in_this_process():
+        yield
 
 
 def _config(**extra):
