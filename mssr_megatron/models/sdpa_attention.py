@@ -2,10 +2,11 @@
 
 Why: megatron-core's local `DotProductAttention` (megatron/core/transformer/dot_product_attention.py, 0.16.1) is the
 unfused reference: repeat the key/value groups, baddbmm into a [b*np, sq, sk] score buffer, scale, build and apply a
-causal mask, softmax, bmm. On the CPU its forward and backward were the whole gap between the Megatron update and a
-plain Hugging Face one (which runs SDPA): attention 0.40 s vs 0.17 s of forward over the same micro-batches
+causal mask, softmax, bmm. On the CPU its forward and backward were most of the gap between the Megatron update and
+a plain Hugging Face one (which runs SDPA): attention 0.40 s vs 0.17 s of forward over the same micro-batches
 (docs/benchmarks.md, "Megatron update vs plain PyTorch"). SDPA computes the same function in one kernel (CPU: the
-flash-attention CPU kernel; CUDA: flash / memory-efficient kernels) and never materialises the score matrix.
+flash-attention CPU kernel) and never materialises the score matrix. On CUDA torch picks its flash,
+memory-efficient or cuDNN kernel (GPU-only: not run (no GPU was available)).
 
 The contract is megatron's `CoreAttention` protocol (megatron/core/transformer/attention.py):
     forward(query [sq, b, np, hn], key [sk, b, ng, hn], value [sk, b, ng, hn], attention_mask (True = masked, or
