@@ -62,7 +62,8 @@ def rank_costs(exp, dp: int, local_mini: int, budget: int, multiple: int = 8) ->
     costs = T.row_costs(exp.lengths, exp.image_grid_thw, len(exp), multiple, width)
     per = len(exp) // dp
     out = {}
-    for name, order in (("contiguous", list(range(len(exp)))), ("balanced", T.balanced_row_order(costs, dp, local_mini))):
+    orders = {"contiguous": list(range(len(exp))), "balanced": T.balanced_row_order(costs, dp, local_mini)}
+    for name, order in orders.items():
         totals = [0] * dp
         for start in range(0, per, local_mini):
             blocks = [[order[r * per + start + j] for j in range(local_mini)] for r in range(dp)]

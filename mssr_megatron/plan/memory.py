@@ -177,7 +177,8 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
         unit = m.recompute_num_layers if m.recompute_method == "uniform" else 1
         activations += unit * layer_activation_bytes(shape, lm_tokens, tp, p.sequence_parallel,
                                                      b, None)
-    vision_act = vision_activation_bytes(shape, patches, b) * in_flight if stage == 0 and m.train_vision else 0
+    trains_vision = stage == 0 and m.train_vision
+    vision_act = vision_activation_bytes(shape, patches, b) * in_flight if trains_vision else 0
     vocab_local = shape.padded_vocab(tp) // tp
     last = stage == pp - 1
     logprob = logprob_op_bytes(tokens, vocab_local, b, m.logprob_chunk_tokens) if last else 0

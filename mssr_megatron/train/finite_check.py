@@ -90,10 +90,13 @@ def nonfinite_gradient(ddp_model) -> str | None:
         grads = [("gradient buffer", b.grad_data) for b in buffers + list(ddp_model.expert_parallel_buffers)]
         if _first_nonfinite(grads) is None:
             return None
+    def grad(param):  # DDP accumulates into main_grad; a bare module into .grad
+        main = getattr(param, "main_grad", None)
+        return param.grad if main is None else main
+
     module = getattr(ddp_model, "module", ddp_model)
-    named = ((f"gradient of {name}", getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None
-              else p.grad) for name, p in module.named_parameters())
-    return _first_nonfinite((name, grad) for name, grad in named if grad is not None)
+    return _first_nonfinite((f"gradient of {name}", grad(p)) for name, p in module.named_parameters()
+                            if grad(p) is not None)
 
 
 def _optimizer_tensors(optimizer, module) -> Iterator[tuple[str, object]]:
