@@ -8,8 +8,9 @@ weights, on the tiny task's data (runs/tiny, `mssr make-tiny`; the 100M model sh
 
 One RL step (trainer.train_step) records the update's inputs; then the update phase of `mssr bench`
 (bench.phases.bench_update) times rl_step.update_policy (Megatron: forward, backward, gradient finalisation, the
-non-finite check, clipping, Adam) and bench/hf_baseline.py's HFBaseline.update (transformers' model, torch AdamW) on
-the same micro-batches, interleaved (M H M H ...). Prints the medians and their ratio; --json writes everything.
+non-finite check, clipping, Adam) and bench/hf_baseline.py's HFBaseline.update (transformers' model, torch's default
+AdamW: "plain PyTorch"; and the same with torch's fused AdamW, the kernel Megatron's optimizer uses on the CPU) on the
+same micro-batches, interleaved (M H Hf M H Hf ...). Prints the medians and the ratios; --json writes everything.
 The 100M model directory is written once to --model-dir (default runs/bench_100m/model) and reused.
 """
 
@@ -76,20 +77,29 @@ def main(argv=None) -> int:
             rec.begin_step()
             trainer.train_step(ctx)
         result = P.bench_update(ctx, rec.last, warmup=args.warmup, repeats=args.repeats, device=device,
-                                hf_baseline=True)
+                                hf_baseline=True, hf_fused_adam=True)
         params = sum(p.numel() for p in ctx.actor.module.parameters())
     finally:
         ctx.close()
-    megatron, hf = result["update"], result["hf_update"]
-    ratio = megatron["median_s"] / hf["median_s"]
-    paired = statistics.median(m / h for m, h in zip(megatron["seconds"], hf["seconds"]))
-    summary = {"size": args.size, "parameters": params, "threads": torch.get_num_threads(), "ratio_of_medians": ratio,
-               "median_of_paired_ratios": paired, "phases": result}
+    megatron = result["update"]
+    ratios = {}
+    for key in ("hf_update", "hf_update_fused_adam"):
+        hf = result[key]
+        ratios[key] = {"ratio_of_medians": megatron["median_s"] / hf["median_s"],
+                       "median_of_paired_ratios": statistics.median(
+                           m / h for m, h in zip(megatron["seconds"], hf["seconds"]))}
+    summary = {"size": args.size, "parameters": params, "threads": torch.get_num_threads(), "ratios": ratios,
+               "phases": result}
     print(f"{args.size}: {params / 1e6:.1f}M parameters, {args.repeats} interleaved rounds after {args.warmup} "
           f"warm-up, {torch.get_num_threads()} threads")
-    for name, r in (("Megatron update", megatron), ("plain HF update", hf)):
+    names = {"update": "Megatron update", "hf_update": "plain HF update",
+             "hf_update_fused_adam": "HF, fused AdamW"}
+    for key, name in names.items():
+        r = result[key]
         print(f"  {name:<16} median {r['median_s']:.3f} s [{r['min_s']:.3f}, {r['max_s']:.3f}]")
-    print(f"  Megatron / HF: {ratio:.3f}x of the medians, {paired:.3f}x median of the paired rounds")
+    for key, r in ratios.items():
+        print(f"  Megatron / {names[key]}: {r['ratio_of_medians']:.3f}x of the medians, "
+              f"{r['median_of_paired_ratios']:.3f}x median of the paired rounds")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=1, default=str)

@@ -7,7 +7,9 @@ rows, the SAME rows, token ids, images, mrope inputs and padding as Megatron's):
 entropy of the next token (the same fused op and masked tokens) -> the same loss object (`ctx.algo.loss`, with the
 same old/reference log-probs, advantages and mini-batch normaliser) -> backward (gradients accumulate over the
 micro-batches); then gradient-norm clipping at optimizer.grad_clip and one AdamW step at optimizer.lr (betas, eps and
-weight decay from the config; no decay on biases and 1-D weights, as Megatron's optimizer groups them).
+weight decay from the config; no decay on biases and 1-D weights, as Megatron's optimizer groups them). The AdamW is
+torch's default, on the CPU its per-parameter loop ("plain PyTorch"); `fused_adam=True` takes torch's fused kernel, as
+Megatron's optimizer does on the CPU (actor.use_fused_torch_adam): the baseline without that difference.
 Timed on both sides: forward, backward, clipping, optimizer step, zero_grad. Megatron's time also holds what its
 train_step adds (DDP gradient buffers, the non-finite gradient check, the LR scheduler); the HF loop has none of it.
 Attention: torch's SDPA on both sides (HF's default "sdpa"; the local layer spec's models/sdpa_attention.py).
@@ -22,7 +24,8 @@ from mssr_megatron.train.actor import shifted_logprobs
 
 
 class HFBaseline:
-    def __init__(self, model_dir: str, ctx, device: torch.device):
+    def __init__(self, model_dir: str, ctx, device: torch.device, fused_adam: bool = False):
+        """fused_adam: torch's fused AdamW kernel instead of its default (the per-parameter loop on the CPU)."""
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         cfg = ctx.cfg
@@ -43,7 +46,7 @@ class HFBaseline:
         self.params = decay + no_decay
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
+            lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, fused=fused_adam or None)
         self.grad_clip = o.grad_clip
 
     def _inputs(self, batch: dict, lengths: torch.Tensor) -> dict:

@@ -190,11 +190,14 @@ def update_flops(ctx, rec: StepRecord) -> dict:
             "optimizer_steps": ctx.cfg.optimizer_steps_per_step}
 
 
-def bench_update(ctx, rec: StepRecord, *, warmup: int, repeats: int, device, hf_baseline: bool = False) -> dict:
+def bench_update(ctx, rec: StepRecord, *, warmup: int, repeats: int, device, hf_baseline: bool = False,
+                 hf_fused_adam: bool = False) -> dict:
     """rl_step.update_policy (every mini-batch: actor.train_step = forward, backward, gradient finalisation,
     clipping, optimizer step) on the recorded step's experience, advantages and old/reference log-probs.
     hf_baseline=True: also the plain Hugging Face update (hf_baseline.HFBaseline) on the same inputs, timed
-    interleaved with it. Returns {"update": ..., "hf_update": ...} (the latter only with hf_baseline)."""
+    interleaved with it; hf_fused_adam=True: also that update with torch's fused AdamW kernel (the one Megatron's
+    optimizer steps with on the CPU, actor.use_fused_torch_adam), a second baseline on the same inputs.
+    Returns {"update": ..., "hf_update": ..., "hf_update_fused_adam": ...} (the HF entries only when asked for)."""
     args, kwargs, _ = rec.first("update_policy")
     skipped = []
 
@@ -217,10 +220,13 @@ def bench_update(ctx, rec: StepRecord, *, warmup: int, repeats: int, device, hf_
 
         _, exp, rows, advantages, old, ref = args
         lengths = torch.tensor(rollout_shapes(rec.first("generate")[2])["lengths"])
-        baseline = HFBaseline(ctx.cfg.model.hf_path, ctx, device)
-        # the plain-HF update has no text-only pass: it is compared with the update without the regulariser
-        fns["hf_update"] = lambda: without_crossmodal(
-            ctx, lambda: baseline.update(ctx, exp, rows, lengths, advantages, old, ref))
+        baselines = {"hf_update": HFBaseline(ctx.cfg.model.hf_path, ctx, device)}
+        if hf_fused_adam:
+            baselines["hf_update_fused_adam"] = HFBaseline(ctx.cfg.model.hf_path, ctx, device, fused_adam=True)
+        for name, baseline in baselines.items():
+            # the plain-HF update has no text-only pass: it is compared with the update without the regulariser
+            fns[name] = lambda baseline=baseline: without_crossmodal(
+                ctx, lambda: baseline.update(ctx, exp, rows, lengths, advantages, old, ref))
     results = measure_interleaved(fns, warmup=warmup, repeats=repeats, device=device)
     for result in results.values():
         result.update(update_flops(ctx, rec))

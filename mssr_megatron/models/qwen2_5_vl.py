@@ -23,6 +23,8 @@ from megatron.core.transformer.module import MegatronModule
 from mssr_megatron.models.rope_index import mrope_position_ids
 from mssr_megatron.models.sdpa_attention import with_sdpa_core_attention
 from mssr_megatron.models.sequence_parallel_norm import sequence_parallel_block_spec
+from mssr_megatron.models.swiglu_mlp import swiglu_mlps
+from mssr_megatron.models.tp1_linear import torch_linears_at_tp1
 
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 HF_DEFAULT_MROPE_SECTION = (16, 24, 24)  # what transformers assumes when the config names none
@@ -78,32 +80,6 @@ def layer_spec(model_cfg):
     if model_cfg.transformer_impl == "local":  # torch's fused SDPA in place of the unfused DotProductAttention
         spec = with_sdpa_core_attention(spec)
     return spec
-
-
-def torch_linears_at_tp1(module, config) -> int:
-    """Run megatron's ColumnParallelLinear / RowParallelLinear layers of `module` as F.linear when nothing parallel is
-    left in them: TP = 1, no sequence parallelism, no gradient-accumulation fusion. There megatron computes the same
-    input @ W^T (+ b) through a Python autograd Function (LinearWithGradAccumulationAndAsyncCommunication) whose
-    extras (the input gradient's TP all-reduce, SP gathers, fused weight-gradient accumulation) are all off, and pays
-    its Python backward on every layer and micro-batch; torch's own linear runs the backward in C++. Returns the
-    number of layers switched (0 when the conditions do not hold)."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    if (config.tensor_model_parallel_size != 1 or config.sequence_parallel or config.gradient_accumulation_fusion
-            or config.defer_embedding_wgrad_compute):
-        return 0
-    switched = 0
-    for layer in module.modules():
-        if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
-            layer._forward_impl = _torch_linear  # shadows the class's method for this layer only
-            switched += 1
-    return switched
-
-
-def _torch_linear(input, weight, bias=None, **unused):
-    """The `_forward_impl` of a megatron linear layer at TP = 1 (torch_linears_at_tp1); `unused`: the keyword
-    arguments megatron passes (gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel, ...), all off."""
-    return F.linear(input, weight, bias)
 
 
 def _check_fp8_device(model_cfg) -> None:
@@ -244,7 +220,8 @@ class Qwen2_5_VLMegatron(MegatronModule):
             scatter_embedding_sequence_parallel=False,
         )
         if model_cfg.transformer_impl == "local":  # Transformer Engine's layers have their own fused paths
-            torch_linears_at_tp1(self.language_model, self.config)
+            torch_linears_at_tp1(self.language_model, self.config)  # tp1_linear.py
+            swiglu_mlps(self.language_model, self.config)  # swiglu_mlp.py
         self.vision_model = None
         if pre_process:
             from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel

@@ -58,6 +58,26 @@ def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: 
     return logprobs[:, :-1], entropy[:, :-1]
 
 
+def use_fused_torch_adam(optimizer) -> int:
+    """Switch the torch Adam(W) inside megatron's optimizer to torch's fused kernel where its parameters are on the
+    CPU; returns the number of param groups switched. Megatron steps with Transformer Engine's or apex's fused Adam
+    when either is installed (GPU nodes) and otherwise falls back to torch's AdamW with its defaults, which on the CPU
+    is the per-parameter loop: a dozen elementwise passes over every parameter and Adam state (0.29 s per step for
+    100M parameters on 2 cores) where the fused kernel makes one (0.07 s). Same update up to float rounding; the
+    step counters stay per-parameter float32 tensors (the checkpoint layout does not change). Idempotent: called
+    again after an optimizer load, whose param groups come from the checkpoint."""
+    switched = 0
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(inner, "optimizer", None)
+        if not isinstance(adam, torch.optim.Adam):  # TE's / apex's FusedAdam, or not Adam at all
+            continue
+        for group in adam.param_groups:
+            if not group.get("fused") and all(p.device.type == "cpu" for p in group["params"]):
+                group["fused"], group["foreach"] = True, False
+                switched += 1
+    return switched
+
+
 def lr_decay_steps(decay_steps: int | None, warmup_steps: int, total_optimizer_steps: int) -> int:
     """Optimizer steps the LR schedule decays over: optimizer.lr_decay_steps, or every optimizer step of the run
     (null); past the warmup (megatron's scheduler needs warmup < decay)."""
@@ -115,6 +135,7 @@ class MegatronActor:
             ),
             [self.model],
         )
+        use_fused_torch_adam(self.optimizer)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if optim_cfg.warmup_steps else optim_cfg.lr, max_lr=optim_cfg.lr,
             min_lr=optim_cfg.min_lr, lr_warmup_steps=optim_cfg.warmup_steps,

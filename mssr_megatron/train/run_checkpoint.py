@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from mssr_megatron.config import to_dict
 from mssr_megatron.train import checkpoint_files, finite_check
+from mssr_megatron.train.actor import use_fused_torch_adam
 from mssr_megatron.train.run_dir import owned_checkpoints
 
 log = logging.getLogger("mssr")
@@ -133,6 +134,7 @@ def load_model_and_optimizer(actor, directory: str) -> None:
     with torch.no_grad():
         actor.optimizer.load_state_dict(state["optimizer"])
     _restore_adam_steps(actor.optimizer)
+    use_fused_torch_adam(actor.optimizer)  # the loaded param groups carry the checkpoint's kernel choice
     finite_check.check_loaded(actor, os.path.dirname(os.path.abspath(directory)))
 
 
