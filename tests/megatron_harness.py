@@ -112,6 +112,19 @@ def per_row_microbatches(inputs) -> list[dict]:
     ]
 
 
+def output_and_gradients(layer, x: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+    """[output, input grad, each parameter's grad] of a megatron layer returning (output, bias) on input x, through a
+    fixed random weighting of the output (the bias, when returned apart, added first): what two implementations of
+    one layer must agree on."""
+    x = x.clone().requires_grad_()
+    out, bias = layer(x, **kwargs)
+    out = out if bias is None else out + bias
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * weight).sum().backward()
+    grads = [x.grad] + [p.grad if p.grad is not None else p.main_grad for p in layer.parameters()]
+    return [out.detach()] + [g.detach().clone() for g in grads]
+
+
 @contextlib.contextmanager
 def megatron_in_this_process(seed: int = 0):
     """Megatron's parallel state for this one CPU process (TP = PP = 1, one gloo rank), in a private world: the

@@ -88,7 +88,7 @@ def test_collectives_use_cuda_tensors_under_nccl_only(monkeypatch):
 def _batch() -> dict:
     return {"input_ids": torch.arange(6).reshape(2, 3), "position_ids": torch.zeros(3, 2, 3, dtype=torch.long),
             "pixel_values": torch.randn(4, 8), "image_grid_thw": torch.tensor([[1, 2, 2]]),
-            "rows": torch.tensor([5, 7]), "row": 1}
+            "logit_mask": torch.ones(2, 3, dtype=torch.bool), "rows": torch.tensor([5, 7]), "row": 1}
 
 
 def test_move_batch_on_the_cpu_changes_nothing():
@@ -119,8 +119,9 @@ def test_run_microbatches_moves_each_microbatch_as_it_is_taken_and_hands_the_mov
             out.append(reduce(output)[1])
         return out
 
-    def stage(input_ids, position_ids, pixel_values, image_grid_thw):
-        seen_by_stage.append({t.device.type for t in (input_ids, position_ids, pixel_values, image_grid_thw)})
+    def stage(input_ids, position_ids, pixel_values, image_grid_thw, logit_mask=None):
+        seen_by_stage.append({t.device.type for t in (input_ids, position_ids, pixel_values, image_grid_thw,
+                                                      logit_mask)})
         return input_ids
 
     def loss_fn(output, batch):

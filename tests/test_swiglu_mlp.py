@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_harness import megatron_in_this_process
+from megatron_harness import megatron_in_this_process, output_and_gradients
 
 S, B, H, FFN = 5, 3, 16, 24
 
@@ -38,16 +38,6 @@ def _mlp(config, bias: bool = False):
                ffn_hidden_size=FFN)
 
 
-def _run(mlp, x, **kwargs):
-    x = x.clone().requires_grad_()
-    out, bias = mlp(x, **kwargs)
-    out = out if bias is None else out + bias
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    (out * weight).sum().backward()
-    grads = [x.grad] + [p.grad if p.grad is not None else p.main_grad for p in mlp.parameters()]
-    return [out.detach()] + [g.detach().clone() for g in grads]
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_switched_mlp_matches_megatrons_forward(megatron, bias):
     from mssr_megatron.models.swiglu_mlp import swiglu_mlps
@@ -57,12 +47,12 @@ def test_the_switched_mlp_matches_megatrons_forward(megatron, bias):
     switched = _mlp(config, bias)
     assert swiglu_mlps(torch.nn.Sequential(switched), config) == 1 and "forward" in vars(switched)
     x = torch.randn(S, B, H, generator=torch.Generator().manual_seed(2))  # [s, b, h]
-    for got, want in zip(_run(switched, x), _run(reference, x)):
+    for got, want in zip(output_and_gradients(switched, x), output_and_gradients(reference, x)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     if bias:  # megatron's per-token path adds fc2's bias in place on a custom Function's output: autograd refuses
         return
     scale = torch.rand(S, B, generator=torch.Generator().manual_seed(3))  # per-token scales: megatron's own path
-    for got, want in zip(_run(switched, x, per_token_scale=scale), _run(reference, x, per_token_scale=scale)):
+    for got, want in zip(output_and_gradients(switched, x, per_token_scale=scale), output_and_gradients(reference, x, per_token_scale=scale)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_harness import megatron_in_this_process
+from megatron_harness import megatron_in_this_process, output_and_gradients
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +23,6 @@ def _config(**extra):
 
     return TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True,
                              **extra)
-
-
-def _run(layer, x):
-    x = x.clone().requires_grad_()
-    out, bias = layer(x)
-    out = out if bias is None else out + bias
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    (out * weight).sum().backward()
-    grads = [x.grad] + [p.grad if p.grad is not None else p.main_grad for p in layer.parameters()]
-    return [out.detach()] + [g.detach().clone() for g in grads]
 
 
 @pytest.mark.parametrize("skip_bias_add", [False, True])
@@ -54,7 +44,7 @@ def test_a_switched_layer_matches_megatrons_own_path(megatron, kind, skip_bias_a
     holder = torch.nn.Sequential(switched)
     assert torch_linears_at_tp1(holder, config) == 1 and "forward" in vars(switched)
     x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(2))  # [S, B, H]
-    for got, want in zip(_run(switched, x), _run(reference, x)):
+    for got, want in zip(output_and_gradients(switched, x), output_and_gradients(reference, x)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 

@@ -4,7 +4,8 @@
     outputs = run_microbatches(model, batches, forward_only=True)   # last stage: one output per micro-batch
 
 A micro-batch is a dict with input_ids [B, S], position_ids [3, B, S] and, for prompts with images, pixel_values
-and image_grid_thw (the MODEL_INPUTS), plus any bookkeeping entries a loss needs (e.g. `rows`). With pipeline
+and image_grid_thw, optionally logit_mask [B, S] (the last stage's logits only at those positions, packed: see
+Qwen2_5_VLMegatron.forward) (the MODEL_INPUTS), plus any bookkeeping entries a loss needs (e.g. `rows`). With pipeline
 parallelism every micro-batch of one call must have the same [B, S] (the stages exchange fixed shapes); without it,
 each may have its own. Micro-batches may live anywhere (the
 trainer builds them on the CPU): run_microbatches moves each one's model inputs to the model's device as the
@@ -31,7 +32,7 @@ def check_layout(hf_config, tp: int, pp: int) -> None:
                          f"{text.num_hidden_layers} layers")
 
 
-MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "image_grid_thw")
+MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "image_grid_thw", "logit_mask")
 """The micro-batch entries the model reads; `move_batch` moves these and leaves the rest where they are."""
 
 
@@ -97,7 +98,7 @@ def run_microbatches(
     loss_fn(output, batch) -> (loss, metrics dict) makes it a training pass (backward included unless
     forward_only); a forward_only pass with a loss_fn reduces each micro-batch's output as soon as it is computed
     (the way to get per-token results without keeping every micro-batch's logits). Without loss_fn the last stage
-    returns the raw outputs (vocab-parallel logits [B, S, V/TP]).
+    returns the raw outputs (vocab-parallel logits [B, S, V/TP], or [1, N, V/TP] with a logit_mask).
     Each micro-batch's MODEL_INPUTS are moved to `device` (default: the model's, `module_device`) as it is taken,
     and loss_fn receives the moved batch, so its input_ids are on the logits' device.
     Returns, on the last stage, loss_fn's metrics or the outputs per micro-batch; [] on other stages.
@@ -117,7 +118,7 @@ def run_microbatches(
     def forward_step(data_iterator, stage):
         batch = move_batch(next(data_iterator), device)
         output = stage(batch["input_ids"], batch.get("position_ids"), batch.get("pixel_values"),
-                       batch.get("image_grid_thw"))
+                       batch.get("image_grid_thw"), logit_mask=batch.get("logit_mask"))
         if loss_fn is None:
             return output, None
         return output, lambda out: loss_fn(out, batch)

@@ -290,7 +290,11 @@ class Qwen2_5_VLMegatron(MegatronModule):
         embeddings[image_mask] = features.to(embeddings.dtype)
         return embeddings.transpose(0, 1).contiguous()
 
-    def forward(self, input_ids, position_ids=None, pixel_values=None, image_grid_thw=None, attention_mask=None):
+    def forward(self, input_ids, position_ids=None, pixel_values=None, image_grid_thw=None, attention_mask=None,
+                logit_mask=None):
+        """logit_mask [B, S] (bool), last stage: the logits only at its True positions, packed [1, N, V_padded / TP]
+        in row-major (b, s) order (`logit_mask.nonzero()`'s), instead of [B, S, V_padded / TP]: the output layer
+        and everything after it skip the positions no loss reads (the prompt). Not under sequence parallelism."""
         tp = self.config.tensor_model_parallel_size
         if self.config.sequence_parallel and input_ids.shape[1] % tp:
             raise ValueError(f"parallel.sequence_parallel splits the sequence over the {tp} tensor-parallel ranks: "
@@ -299,6 +303,30 @@ class Qwen2_5_VLMegatron(MegatronModule):
             position_ids = mrope_position_ids(input_ids.cpu(), image_grid_thw, self.image_token_id,
                                               self.hf_config.vision_config.spatial_merge_size).to(input_ids.device)
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
-        return self.language_model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input
-        )
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      decoder_input=decoder_input)
+        if logit_mask is None or not self.post_process:
+            return self.language_model(**inputs)
+        if self.config.sequence_parallel:
+            raise ValueError("logit_mask selects positions of the full sequence: not under sequence parallelism")
+        return self._logits_at(self._final_hidden_states(inputs), logit_mask)
+
+    def _final_hidden_states(self, inputs: dict) -> torch.Tensor:
+        """The decoder's output [S, B, H] (final norm applied) on the last stage, without the output layer: GPTModel
+        returns it where its _postprocess would apply the output layer when post_process is off, as on a middle
+        pipeline stage (megatron-core 0.16.1); the flag is set back at once."""
+        language_model = self.language_model
+        language_model.post_process = False
+        try:
+            return language_model(**inputs)
+        finally:
+            language_model.post_process = True
+
+    def _logits_at(self, hidden: torch.Tensor, logit_mask: torch.Tensor) -> torch.Tensor:
+        """hidden [S, B, H], logit_mask [B, S] -> the output layer's logits at the mask's positions [1, N, V/TP]."""
+        language_model = self.language_model
+        selected = hidden.transpose(0, 1)[logit_mask.to(torch.bool)]  # [N, H]
+        weight = (language_model.shared_embedding_or_output_weight()
+                  if language_model.share_embeddings_and_output_weights else None)
+        logits, _ = language_model.output_layer(selected.unsqueeze(1), weight=weight)  # [N, 1, V/TP]
+        return logits.transpose(0, 1)

@@ -35,10 +35,12 @@ _LR_STYLES = {"constant": "constant", "cosine": "cosine", "linear": "linear"}
 
 
 def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, temperature: float = 1.0,
-                     masked_token_ids=None, chunk_size: int | None = None):
+                     masked_token_ids=None, chunk_size: int | None = None, logit_mask: torch.Tensor | None = None):
     """Log-prob and full-vocabulary entropy of each next token: logits [B, S, V/TP] -> two [B, S-1] tensors.
     masked_token_ids: tokens the rollout engine never samples, left out of the softmax as the engine does.
-    chunk_size: tokens per chunk of the fused op (model.logprob_chunk_tokens); None = all tokens at once."""
+    chunk_size: tokens per chunk of the fused op (model.logprob_chunk_tokens); None = all tokens at once.
+    logit_mask [B, S]: the logits are the model's packed ones at its True positions, [1, N, V/TP]; the results are
+    put back at those positions, 0 elsewhere."""
     from megatron.core import parallel_state as ps
 
     group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
@@ -51,11 +53,35 @@ def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: 
         masked = torch.as_tensor(masked_token_ids, dtype=targets.dtype, device=targets.device)
         allowed = next(i for i in range(len(masked_token_ids) + 1) if i not in set(masked_token_ids))
         targets = torch.where(torch.isin(targets, masked), torch.full_like(targets, allowed), targets)
+    if logit_mask is not None:
+        targets = targets[logit_mask].unsqueeze(0)  # [1, N], in the packed logits' order
     logprobs, entropy = vocab_parallel_logprobs_entropy(
         logits, targets, tp_group=group, temperature=temperature, vocab_size=vocab_size,
         masked_token_ids=masked_token_ids, chunk_size=chunk_size,
     )
+    if logit_mask is not None:
+        logprobs, entropy = (t.new_zeros(input_ids.shape).index_put((logit_mask,), t[0]) for t in (logprobs, entropy))
     return logprobs[:, :-1], entropy[:, :-1]
+
+
+def with_logit_masks(batches: list[dict], sequence_parallel: bool) -> list[dict]:
+    """The micro-batches, each given logit_mask [B, S] (its response_mask [B, S-1] and a False last column) where the
+    model can compute the logits at those positions only (Qwen2_5_VLMegatron.forward): the loss reads log-probs and
+    entropies of response tokens only, so the output layer and the log-prob op skip the prompt (image tokens
+    included), most of a multimodal sequence; the results are the same at the response positions and 0 elsewhere.
+    Left as they are: micro-batches without a response_mask or without any response token, cross-modal pairs (their
+    KL reads both halves' logits, crossmodal.py), and everything under sequence parallelism (the output layer's
+    input is split over the sequence there)."""
+    if sequence_parallel:
+        return batches
+    out = []
+    for batch in batches:
+        mask = batch.get("response_mask")
+        if mask is None or PAIRED_KEY in batch or not bool(mask.any()):
+            out.append(batch)
+            continue
+        out.append({**batch, "logit_mask": torch.cat([mask.bool(), mask.new_zeros(mask.shape[0], 1).bool()], 1)})
+    return out
 
 
 def use_fused_torch_adam(optimizer) -> int:
@@ -190,14 +216,16 @@ class MegatronActor:
     def token_logprobs(self, batches: list[dict], temperature: float = 1.0,
                        masked_token_ids=None) -> list[tuple[torch.Tensor, ...]]:
         """Per micro-batch (logprobs [B, S-1], entropy [B, S-1]) on the last pipeline stage, on `self.device`; []
-        elsewhere. Each micro-batch's logits are reduced to these as soon as they are computed (and then freed)."""
+        elsewhere. Each micro-batch's logits are reduced to these as soon as they are computed (and then freed). A
+        micro-batch with a response_mask gets them at its response positions only, 0 elsewhere (with_logit_masks)."""
         self.model.eval()
 
         def reduce(output, batch):  # the forward-only "loss": a dummy scalar, the per-token results as its report
             logprobs, entropy = shifted_logprobs(output, batch["input_ids"], self.vocab_size, temperature,
-                                                 masked_token_ids, self.logprob_chunk_tokens)
+                                                 masked_token_ids, self.logprob_chunk_tokens, batch.get("logit_mask"))
             return output.new_zeros(()), {"logprobs": logprobs, "entropy": entropy}
 
+        batches = with_logit_masks(batches, self.module.config.sequence_parallel)
         reports = run_microbatches(self.model, batches, forward_only=True, loss_fn=reduce, device=self.device)
         return [(r["logprobs"], r["entropy"]) for r in reports]
 
@@ -211,6 +239,8 @@ class MegatronActor:
         stage with logprobs/entropy on `self.device` and the micro-batch whose model inputs were moved there (its
         other entries, e.g. `rows`, as given). A paired micro-batch (crossmodal.paired_microbatches: rows with their
         text-only copies) reaches loss_fn as its normal rows, with the per-token cross-modal KL under KL_KEY.
+        A micro-batch with a response_mask gets logprobs/entropy at its response positions only, 0 elsewhere
+        (with_logit_masks): loss_fn must read them through that mask, as the losses do.
         Raises NonFiniteError when the updated weights hold a NaN/Inf (on every rank: finite_check), before anything
         could save or export them.
         """
@@ -223,7 +253,7 @@ class MegatronActor:
                 output, batch = split_paired_output(output, batch, self.vocab_size, temperature, masked_token_ids,
                                                     self.logprob_chunk_tokens)
             logprobs, entropy = shifted_logprobs(output, batch["input_ids"], self.vocab_size, temperature,
-                                                 masked_token_ids, self.logprob_chunk_tokens)
+                                                 masked_token_ids, self.logprob_chunk_tokens, batch.get("logit_mask"))
             loss, metrics = loss_fn(logprobs, entropy, batch)
             reported = {"loss": loss, **metrics}
             return loss * scale, {k: torch.tensor(float(torch.as_tensor(v).detach())) for k, v in reported.items()}
@@ -231,6 +261,7 @@ class MegatronActor:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        batches = with_logit_masks(batches, self.module.config.sequence_parallel)
         reports = run_microbatches(self.model, batches, forward_only=False, loss_fn=stage_loss, device=self.device)
         self.nonfinite = self._find_nonfinite(reports)
         if self.nonfinite is None:

@@ -56,7 +56,8 @@ class Experience:
     def microbatches(self, rows: torch.Tensor | list[int], micro_batch_size: int, width_multiple: int | None = None,
                      same_width: bool = False) -> list[dict]:
         """Micro-batches of the given rows; each carries `rows` (indices into this Experience) so a loss can pick
-        its per-token tensors.
+        its per-token tensors, and their `response_mask` [b, width - 1] (the positions a loss reads: the actor
+        computes the logits only there).
 
         width_multiple: cut each micro-batch to its longest row rounded up to this multiple (at most L); None keeps
         all of them at the full width L. same_width: give every micro-batch of the call the widest of those widths
@@ -76,7 +77,7 @@ class Experience:
         batches = []
         for part, width in zip(parts, widths):
             batch = {"input_ids": self.input_ids[part, :width], "position_ids": self.position_ids[:, part, :width],
-                     "rows": part}
+                     "rows": part, "response_mask": self.response_mask[part, :width - 1]}
             pixels = [self.pixel_values[i] for i in part.tolist() if self.pixel_values and self.pixel_values[i] is not None]
             if pixels:
                 batch["pixel_values"] = torch.cat(pixels)
