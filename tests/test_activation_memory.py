@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from megatron_harness import spawn, tiny_case
+from megatron_harness import spawn
 from mssr_megatron.config import ModelConfig, ParallelConfig, RunConfig
 from mssr_megatron.train.experience import Experience, sequence_multiple
 
@@ -115,6 +115,12 @@ def test_update_policy_cuts_the_per_token_tensors_to_each_microbatch():
     assert [s[6] for s in seen] == [6.0, 6.0]  # every response token still reaches the loss
 
 
+def _all_positions(batches: list[dict]) -> list[dict]:
+    """The micro-batches without their response_mask: the actor then computes the logits at every position, as it
+    did before it packed them to the response (actor.with_logit_masks)."""
+    return [{k: v for k, v in batch.items() if k != "response_mask"} for batch in batches]
+
+
 def _same_results_worker(rank: int, out: str) -> None:
     from mssr_megatron.train import rl_step
     from mssr_megatron.train.actor import MegatronActor
@@ -144,11 +150,11 @@ def _same_results_worker(rank: int, out: str) -> None:
         advantages = torch.randn(4, 39, generator=torch.Generator().manual_seed(2))
         cut_lp, cut_ent = rl_step.token_logprobs(ctx, actor, exp, rows, 0.8)
         cut_update = rl_step.update_policy(ctx, exp, rows, advantages, cut_lp, None)
-        full = exp.microbatches(rows, 2)  # the old way: every micro-batch at the step's full width
+        full = _all_positions(exp.microbatches(rows, 2))  # the old way: the step's full width, every position
         actor.logprob_chunk_tokens = None
         full_out = actor.token_logprobs(full, 0.8)
         original = rl_step.microbatches
-        rl_step.microbatches = lambda ctx, exp, rows: exp.microbatches(rows, 2)
+        rl_step.microbatches = lambda ctx, exp, rows: _all_positions(exp.microbatches(rows, 2))
         try:
             full_update = rl_step.update_policy(ctx, exp, rows, advantages, cut_lp, None)
         finally:
@@ -164,13 +170,13 @@ def _same_results_worker(rank: int, out: str) -> None:
             return result
 
         actor_module.vocab_parallel_logprobs_entropy = measured
-        one = _experience([400, 390], width=400, seed=3).microbatches(torch.arange(2), 2)
+        one = _all_positions(_experience([400, 390], width=400, seed=3).microbatches(torch.arange(2), 2))
         actor.logprob_chunk_tokens = None
         actor.token_logprobs(one, 0.8)
         actor.logprob_chunk_tokens = 16
         actor.token_logprobs(one, 0.8)
         unchunked_peak, chunked_peak = peaks
-        torch.save({"cut": (cut_lp, cut_ent), "full": (torch.cat([o[0] for o in full_out]),
+        torch.save({"mask": exp.response_mask.bool(), "cut": (cut_lp, cut_ent), "full": (torch.cat([o[0] for o in full_out]),
                                                         torch.cat([o[1] for o in full_out])),
                     "cut_update": cut_update, "full_update": full_update, "lengths": exp.lengths,
                     "peaks": (unchunked_peak, chunked_peak), "padded_vocab": padded_vocab_size(BIG_VOCAB, 1)}, out)
@@ -183,9 +189,9 @@ def test_cut_chunked_step_equals_the_full_width_unchunked_one_with_a_lower_peak(
     out = tmp_path / "result.pt"
     spawn(_same_results_worker, 1, str(out))
     r = torch.load(out)
-    for cut, full in zip(r["cut"], r["full"]):
-        for i, n in enumerate(r["lengths"].tolist()):  # real columns agree; the cut ones hold 0
-            torch.testing.assert_close(cut[i, : n - 1], full[i, : n - 1], rtol=0, atol=1e-5)
+    for cut, full in zip(r["cut"], r["full"]):  # the cut pass computes the response columns only, 0 elsewhere
+        torch.testing.assert_close(cut[r["mask"]], full[r["mask"]], rtol=0, atol=1e-5)
+        assert not cut[~r["mask"]].any()
     assert r["cut_update"]["actor/loss"] == pytest.approx(r["full_update"]["actor/loss"], abs=1e-6)
     assert r["cut_update"]["actor/grad_norm"] == pytest.approx(r["full_update"]["actor/grad_norm"], rel=1e-5)
     unchunked, chunked = r["peaks"]

@@ -1,7 +1,7 @@
 """Logits at the response positions only (actor.with_logit_masks, Qwen2_5_VLMegatron.forward's logit_mask): the same
 per-token log-probs and entropies at those positions as the full logits give (0 elsewhere), and the same loss and
-gradients of a training step, at TP = 1 (this process, tied and untied output layer) and TP = 2 (2 gloo processes,
-vocabulary-parallel logits). The reference is the same actor on the same micro-batch without a response_mask, which
+gradients of a training step, at TP = 1 (this process, tied and untied output layer) and TP = 2 with and without
+sequence parallelism (2 gloo processes, vocabulary-parallel logits). The reference is the same actor on the same micro-batch without a response_mask, which
 computes the logits at every position as before."""
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ def _response_mask(inputs, last: int = 4) -> torch.Tensor:
     return (column + 1 < lengths.unsqueeze(1)) & (column + 1 >= (lengths - last).unsqueeze(1))
 
 
-def _compare_runs(tp: int, pp: int, tied: bool) -> dict:
+def _compare_runs(tp: int, tied: bool, sequence_parallel: bool = False) -> dict:
     """Per-token results and one training step's loss and gradients, with and without the response_mask."""
-    from mssr_megatron.config import ModelConfig, OptimizerConfig
+    from mssr_megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
     from mssr_megatron.models.tiny_hf import published_state_dict
     from mssr_megatron.train.actor import MegatronActor
 
     cfg, hf, inputs = tiny_case(tied=tied)
-    actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"), OptimizerConfig(lr=0.0, weight_decay=0.0), 10)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel)
+    actor = MegatronActor(cfg, ModelConfig(params_dtype="float32"), OptimizerConfig(lr=0.0, weight_decay=0.0), 10,
+                          parallel_cfg=parallel)
+    assert actor.module.config.sequence_parallel == sequence_parallel
     actor.load_hf_state(published_state_dict(hf))
     mask = _response_mask(inputs)
     full = {**megatron_batch(inputs), "rows": torch.arange(2)}
@@ -61,23 +64,26 @@ def _check(out: dict, last_stage: bool) -> None:
 @pytest.mark.parametrize("tied", [True, False])
 def test_packed_logits_give_the_full_logits_results_at_tp1(tied):
     with megatron_in_this_process():
-        _check(_compare_runs(1, 1, tied), last_stage=True)
+        _check(_compare_runs(1, tied), last_stage=True)
 
 
-def _tp2_worker(rank: int, out_dir: str) -> None:
+def _tp2_worker(rank: int, sequence_parallel: bool, out_dir: str) -> None:
     from mssr_megatron.parallel import destroy_megatron, init_megatron
 
     init_megatron(2, 1, seed=0)
     try:
-        _check(_compare_runs(2, 1, tied=True), last_stage=True)
+        _check(_compare_runs(2, tied=True, sequence_parallel=sequence_parallel), last_stage=True)
         open(f"{out_dir}/rank{rank}.ok", "w").close()
     finally:
         destroy_megatron()
 
 
 @pytest.mark.slow
-def test_packed_logits_give_the_full_logits_results_at_tp2(tmp_path):
-    spawn(_tp2_worker, 2, str(tmp_path))
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_packed_logits_give_the_full_logits_results_at_tp2(tmp_path, sequence_parallel):
+    """Vocabulary-parallel logits; with sequence parallelism the decoder's output is split over the sequence and is
+    gathered before the positions are picked (its gradient then must not be reduced twice)."""
+    spawn(_tp2_worker, 2, sequence_parallel, str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]
 
 
@@ -87,10 +93,9 @@ def test_no_mask_where_the_logits_cannot_be_packed():
 
     ids = torch.zeros(2, 5, dtype=torch.long)
     mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]], dtype=torch.bool)
-    packed = with_logit_masks([{"input_ids": ids, "response_mask": mask}], sequence_parallel=False)[0]
+    packed = with_logit_masks([{"input_ids": ids, "response_mask": mask}])[0]
     assert packed["logit_mask"].tolist() == [[False, False, True, True, False], [False, True, True, False, False]]
-    for batch, sp in (({"input_ids": ids, "response_mask": mask}, True),  # sequence parallelism
-                      ({"input_ids": ids}, False),  # no response_mask
-                      ({"input_ids": ids, "response_mask": torch.zeros_like(mask)}, False),  # no response token
-                      ({"input_ids": ids, "response_mask": mask, PAIRED_KEY: {}}, False)):  # cross-modal pair
-        assert "logit_mask" not in with_logit_masks([batch], sequence_parallel=sp)[0]
+    for batch in ({"input_ids": ids},  # no response_mask
+                  {"input_ids": ids, "response_mask": torch.zeros_like(mask)},  # no response token
+                  {"input_ids": ids, "response_mask": mask, PAIRED_KEY: {}}):  # cross-modal pair
+        assert "logit_mask" not in with_logit_masks([batch])[0]

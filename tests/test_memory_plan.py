@@ -91,12 +91,17 @@ def test_plan_lines_by_hand():
     assert lines["reference"].training == params * 2  # use_kl_loss is on by default
     # 2 layers + 1 for the gradients of the layer in backward; local attention (the default layer spec)
     assert lines["activations"].training == 3 * 32 * 120 * 2  # 3 x (2 layers x 1 in flight + 1), 120 per token
-    assert lines["logprob"].training == logprob_op_bytes(32, 128, 2, 8)
+    # the logits at the response positions only: 2 rows x 6 new tokens
+    assert lines["logprob"].training == logprob_op_bytes(12, 128, 2, 8)
     assert (lines["engine"].rollout, lines["engine"].training) == ((1 << 20) // 2, 0)  # released while training
     assert plan.total("training") == sum(line.training for line in plan.lines)
     assert plan.fits and plan.overflow() is None
     no_dist = plan_memory(_small_cfg(), SMALL, world_size=4, gpu_bytes=1 << 20, image_tokens=0)
     assert no_dist.line("optimizer").training == 3272 * 12
+    # under sequence parallelism too (the actor gathers the sequence before it picks the positions)
+    sp = plan_memory(_small_cfg(tensor_model_parallel_size=2, sequence_parallel=True), SMALL, world_size=4,
+                     gpu_bytes=1 << 20, image_tokens=0)
+    assert sp.line("logprob").training == logprob_op_bytes(12, SMALL.padded_vocab(2) // 2, 2, 8)
 
 
 def test_crossmodal_doubles_the_language_model_rows_and_adds_the_kl_op():
@@ -109,7 +114,11 @@ def test_crossmodal_doubles_the_language_model_rows_and_adds_the_kl_op():
     assert plan.line("activations").training > base.line("activations").training
     # the copies' bf16 logits + their gradient (2 x 32 x 128 x 2) and three fp32 [chunk 8, 128] KL buffers
     assert plan.line("crossmodal").training == 2 * 32 * 128 * 2 + 3 * 8 * 128 * 4
-    assert base.line("crossmodal").training == 0 and plan.line("logprob").training == base.line("logprob").training
+    assert base.line("crossmodal").training == 0
+    # the pairs' KL reads both halves' logits everywhere: the normal rows' logits cover all 32 positions, not the
+    # 2 x 6 response positions
+    assert (plan.line("logprob").training, base.line("logprob").training) == (
+        logprob_op_bytes(32, 128, 2, 8), logprob_op_bytes(12, 128, 2, 8))
 
 
 def test_a_token_budget_sizes_the_microbatch():

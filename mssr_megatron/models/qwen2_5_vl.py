@@ -294,7 +294,7 @@ class Qwen2_5_VLMegatron(MegatronModule):
                 logit_mask=None):
         """logit_mask [B, S] (bool), last stage: the logits only at its True positions, packed [1, N, V_padded / TP]
         in row-major (b, s) order (`logit_mask.nonzero()`'s), instead of [B, S, V_padded / TP]: the output layer
-        and everything after it skip the positions no loss reads (the prompt). Not under sequence parallelism."""
+        and everything after it skip the positions no loss reads (the prompt)."""
         tp = self.config.tensor_model_parallel_size
         if self.config.sequence_parallel and input_ids.shape[1] % tp:
             raise ValueError(f"parallel.sequence_parallel splits the sequence over the {tp} tensor-parallel ranks: "
@@ -307,8 +307,6 @@ class Qwen2_5_VLMegatron(MegatronModule):
                       decoder_input=decoder_input)
         if logit_mask is None or not self.post_process:
             return self.language_model(**inputs)
-        if self.config.sequence_parallel:
-            raise ValueError("logit_mask selects positions of the full sequence: not under sequence parallelism")
         return self._logits_at(self._final_hidden_states(inputs), logit_mask)
 
     def _final_hidden_states(self, inputs: dict) -> torch.Tensor:
@@ -323,10 +321,24 @@ class Qwen2_5_VLMegatron(MegatronModule):
             language_model.post_process = True
 
     def _logits_at(self, hidden: torch.Tensor, logit_mask: torch.Tensor) -> torch.Tensor:
-        """hidden [S, B, H], logit_mask [B, S] -> the output layer's logits at the mask's positions [1, N, V/TP]."""
+        """hidden [S, B, H] ([S/TP, B, H] under sequence parallelism), logit_mask [B, S] -> the output layer's logits
+        at the mask's positions [1, N, V/TP]."""
         language_model = self.language_model
+        output_layer = language_model.output_layer
+        sequence_parallel = output_layer.sequence_parallel
+        if sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            # The whole sequence on every TP rank; the selected rows then go through the output layer as a non-SP
+            # layer, whose input gradient is all-reduced over TP, so the gather's backward only takes this rank's
+            # slice (tensor_parallel_output_grad=False: no second reduction).
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         selected = hidden.transpose(0, 1)[logit_mask.to(torch.bool)]  # [N, H]
         weight = (language_model.shared_embedding_or_output_weight()
                   if language_model.share_embeddings_and_output_weights else None)
-        logits, _ = language_model.output_layer(selected.unsqueeze(1), weight=weight)  # [N, 1, V/TP]
+        output_layer.sequence_parallel = False  # as megatron's own last-token inference path does (gpt_model.py)
+        try:
+            logits, _ = output_layer(selected.unsqueeze(1), weight=weight)  # [N, 1, V/TP]
+        finally:
+            output_layer.sequence_parallel = sequence_parallel
         return logits.transpose(0, 1)

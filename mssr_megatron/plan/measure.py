@@ -5,8 +5,9 @@
 Each case builds, on every rank, the policy (DDP + optimizer) and the reference model, runs the forward-only log-prob
 pass of both and two training steps (the second one with Adam's moments allocated) over text-only micro-batches of
 the planned width, and records the peak of `profiling.peak_allocated_bytes` over all of it: net bytes the CPU
-allocator held above the level before the models were built. The plan of the same run (no rollout engine: none is
-built here; torch's AdamW, which megatron uses without Transformer Engine/apex) is what it is compared with.
+allocator held above the level before the models were built. Each micro-batch's last MAX_NEW_TOKENS positions are
+its response (the actor computes the logits there only, as in training). The plan of the same run (no rollout
+engine: none is built here; a fused Adam: torch's fused AdamW kernel on the CPU) is what it is compared with.
 Parameters are float32 (the CPU dtype of this project), the layer implementation is 'local'.
 """
 
@@ -75,10 +76,12 @@ def _worker(rank: int, size: str, tp: int, micro_batch: int, seq: int, options: 
         g = torch.Generator().manual_seed(rank)
         batches = [{"input_ids": torch.randint(10, 300, (micro_batch, seq), generator=g),
                     "position_ids": torch.arange(seq).expand(3, micro_batch, seq).clone(),
+                    "response_mask": (torch.arange(seq - 1) >= seq - 1 - MAX_NEW_TOKENS).expand(micro_batch, -1),
                     "rows": torch.arange(micro_batch)} for _ in range(2)]
 
         def loss(logprobs, entropy, batch):
-            return -(logprobs.mean() + 0.01 * entropy.mean()), {}
+            mask = batch["response_mask"].to(logprobs.dtype)
+            return -((logprobs * mask).sum() + 0.01 * (entropy * mask).sum()) / mask.sum(), {}
 
         def run():
             actor = MegatronActor(hf_config, cfg.model, OptimizerConfig(lr=1e-4, weight_decay=0.0), 10,
@@ -115,7 +118,7 @@ def measure_case(name: str) -> dict:
                  join=True)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
     shape = ModelShape.from_dict(model_config(size).to_dict())
-    plan = plan_memory(run_config(tp, micro_batch, seq, options), shape, world, image_tokens=0, fused_adam=False)
+    plan = plan_memory(run_config(tp, micro_batch, seq, options), shape, world, image_tokens=0)
     planned = plan.total("training") - plan.line("engine").training
     measured = max(r["peak"] for r in ranks)
     return {"case": name, "tp": tp, "world_size": world, "options": list(options), "micro_batch_size": micro_batch,

@@ -15,11 +15,14 @@ GPU does; per_dp_group and single: the engines' GPUs), in bytes:
                  gradients of the layer in backward, + the trained vision tower. A micro-batch holds micro_batch_size
                  full rows, or under parallel.max_tokens_per_microbatch at most the budget's token slots (one full
                  row if longer) and at most the budget's patches (an upper bound: the budget counts both together)
-  log-prob op    the logits of one micro-batch and the fused log-prob op's buffers (chunked or not)
+  log-prob op    the logits of one micro-batch and the fused log-prob op's buffers (chunked or not), at its
+                 response positions only (micro_batch_size x rollout.max_new_tokens; every position under a token
+                 budget or the cross-modal term)
   cross-modal    with algorithm.crossmodal_coef != 0 each micro-batch carries a text-only copy of its rows
                  (train/crossmodal.py): the language model's activations are those of 2 x micro_batch_size rows, and
                  the copies' logits, their gradient and the KL op's fp32 scratch come on top of the log-prob op
-  optimizer step torch's AdamW scratch on the CPU (no fused Adam there): one fp32 copy of the trained params
+  optimizer step with torch's unfused AdamW (fused_adam=False): one fp32 scratch copy of the trained params;
+                 none with a fused Adam (Transformer Engine's or apex's on GPUs, torch's fused kernel on the CPU)
   rollout engine SGLang/vLLM: mem_fraction of the GPU (weights + KV cache); released while training when
                  colocated. HF engine: a copy of the weights in params_dtype plus its KV cache, always resident.
 Training peak = persistent + max(activations + log-prob op, optimizer step): the step runs after backward.
@@ -139,7 +142,8 @@ def crossmodal_kl_bytes(tokens: int, vocab_local: int, dtype_bytes: int, chunk: 
 def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None = None, *,
                 image_tokens: int | None = None, fused_adam: bool = True) -> MemoryPlan:
     """The plan of `cfg` on `world_size` ranks (see the module docstring). image_tokens: image tokens per rollout
-    (default: half of data.max_prompt_tokens); fused_adam: False for torch's AdamW (megatron's CPU fallback)."""
+    (default: half of data.max_prompt_tokens); fused_adam: False for torch's unfused AdamW (megatron's fallback
+    without Transformer Engine or apex, which the actor switches to torch's fused kernel on the CPU)."""
     m, p, r = cfg.model, cfg.parallel, cfg.rollout
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = max(world_size // (tp * pp), 1)
@@ -181,14 +185,19 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
     vision_act = vision_activation_bytes(shape, patches, b) * in_flight if trains_vision else 0
     vocab_local = shape.padded_vocab(tp) // tp
     last = stage == pp - 1
-    logprob = logprob_op_bytes(tokens, vocab_local, b, m.logprob_chunk_tokens) if last else 0
+    # the logits exist at the response positions only (actor.with_logit_masks: at most max_new_tokens per row),
+    # except for cross-modal pairs; under a token budget the rows per micro-batch are not known: its token slots
+    # bound them
+    packed = not crossmodal and budget is None
+    logit_tokens = min(tokens, p.micro_batch_size * r.max_new_tokens) if packed else tokens
+    logprob = logprob_op_bytes(logit_tokens, vocab_local, b, m.logprob_chunk_tokens) if last else 0
     kl_op = crossmodal_kl_bytes(tokens, vocab_local, b, m.logprob_chunk_tokens) if last and crossmodal else 0
     step_scratch = 0 if fused_adam else trained * 4 // (dp if dist_opt else 1)
     compute = activations + vision_act + logprob + kl_op
     backward_peak = compute >= step_scratch  # else the optimizer step, after backward, sets the training peak
     engine_rollout, engine_training, engine_note = _engine_bytes(cfg, shape, gpu_bytes, b)
 
-    unchunked = logprob_op_bytes(tokens, vocab_local, b, None) if last else 0
+    unchunked = logprob_op_bytes(logit_tokens, vocab_local, b, None) if last else 0
     no_dist = trained * opt_per_param
     recompute_alts = {g: per_layer_alt * (layers * in_flight + 1) for g, per_layer_alt in (
         (g, layer_activation_bytes(shape, lm_tokens, tp, p.sequence_parallel, b, g))
@@ -214,7 +223,7 @@ def plan_memory(cfg, shape: ModelShape, world_size: int, gpu_bytes: int | None =
                 f"is larger than activations + log-prob op ({_gb(compute)})")),
         Line("logprob", "logits + log-prob op", 0, logprob if backward_peak else 0,
              f"chunk {m.logprob_chunk_tokens}; unchunked {_gb(unchunked)}" if m.logprob_chunk_tokens
-             else f"unchunked; {_gb(logprob_op_bytes(tokens, vocab_local, b, 2048))} with chunk 2048"),
+             else f"unchunked; {_gb(logprob_op_bytes(logit_tokens, vocab_local, b, 2048))} with chunk 2048"),
         Line("crossmodal", "cross-modal KL (copies' logits + KL op)", 0, kl_op if backward_peak else 0,
              f"algorithm.crossmodal_coef={cfg.algorithm.crossmodal_coef:g}" if crossmodal else "off"),
         Line("engine", f"rollout engine ({r.engine})", engine_rollout, engine_training, engine_note),

@@ -64,16 +64,13 @@ def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: 
     return logprobs[:, :-1], entropy[:, :-1]
 
 
-def with_logit_masks(batches: list[dict], sequence_parallel: bool) -> list[dict]:
+def with_logit_masks(batches: list[dict]) -> list[dict]:
     """The micro-batches, each given logit_mask [B, S] (its response_mask [B, S-1] and a False last column) where the
     model can compute the logits at those positions only (Qwen2_5_VLMegatron.forward): the loss reads log-probs and
     entropies of response tokens only, so the output layer and the log-prob op skip the prompt (image tokens
     included), most of a multimodal sequence; the results are the same at the response positions and 0 elsewhere.
-    Left as they are: micro-batches without a response_mask or without any response token, cross-modal pairs (their
-    KL reads both halves' logits, crossmodal.py), and everything under sequence parallelism (the output layer's
-    input is split over the sequence there)."""
-    if sequence_parallel:
-        return batches
+    Left as they are: micro-batches without a response_mask or without any response token, and cross-modal pairs
+    (their KL reads both halves' logits, crossmodal.py)."""
     out = []
     for batch in batches:
         mask = batch.get("response_mask")
@@ -225,7 +222,7 @@ class MegatronActor:
                                                  masked_token_ids, self.logprob_chunk_tokens, batch.get("logit_mask"))
             return output.new_zeros(()), {"logprobs": logprobs, "entropy": entropy}
 
-        batches = with_logit_masks(batches, self.module.config.sequence_parallel)
+        batches = with_logit_masks(batches)
         reports = run_microbatches(self.model, batches, forward_only=True, loss_fn=reduce, device=self.device)
         return [(r["logprobs"], r["entropy"]) for r in reports]
 
@@ -261,7 +258,7 @@ class MegatronActor:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        batches = with_logit_masks(batches, self.module.config.sequence_parallel)
+        batches = with_logit_masks(batches)
         reports = run_microbatches(self.model, batches, forward_only=False, loss_fn=stage_loss, device=self.device)
         self.nonfinite = self._find_nonfinite(reports)
         if self.nonfinite is None:
