@@ -176,8 +176,8 @@ def _same_results_worker(rank: int, out: str) -> None:
         actor.logprob_chunk_tokens = 16
         actor.token_logprobs(one, 0.8)
         unchunked_peak, chunked_peak = peaks
-        torch.save({"mask": exp.response_mask.bool(), "cut": (cut_lp, cut_ent), "full": (torch.cat([o[0] for o in full_out]),
-                                                        torch.cat([o[1] for o in full_out])),
+        torch.save({"mask": exp.response_mask.bool(), "cut": (cut_lp, cut_ent),
+                    "full": (torch.cat([o[0] for o in full_out]), torch.cat([o[1] for o in full_out])),
                     "cut_update": cut_update, "full_update": full_update, "lengths": exp.lengths,
                     "peaks": (unchunked_peak, chunked_peak), "padded_vocab": padded_vocab_size(BIG_VOCAB, 1)}, out)
     finally:

@@ -1,8 +1,8 @@
 """Logits at the response positions only (actor.with_logit_masks, Qwen2_5_VLMegatron.forward's logit_mask): the same
 per-token log-probs and entropies at those positions as the full logits give (0 elsewhere), and the same loss and
 gradients of a training step, at TP = 1 (this process, tied and untied output layer) and TP = 2 with and without
-sequence parallelism (2 gloo processes, vocabulary-parallel logits). The reference is the same actor on the same micro-batch without a response_mask, which
-computes the logits at every position as before."""
+sequence parallelism (2 gloo processes, vocabulary-parallel logits). The reference is the same actor on the same
+micro-batch without a response_mask, which computes the logits at every position as before."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def test_the_switched_mlp_matches_megatrons_forward(megatron, bias):
     if bias:  # megatron's per-token path adds fc2's bias in place on a custom Function's output: autograd refuses
         return
     scale = torch.rand(S, B, generator=torch.Generator().manual_seed(3))  # per-token scales: megatron's own path
-    for got, want in zip(output_and_gradients(switched, x, per_token_scale=scale), output_and_gradients(reference, x, per_token_scale=scale)):
+    for got, want in zip(output_and_gradients(switched, x, per_token_scale=scale),
+                         output_and_gradients(reference, x, per_token_scale=scale)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 

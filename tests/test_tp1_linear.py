@@ -57,7 +57,8 @@ def test_nothing_is_switched_where_megatron_has_work_to_do(megatron):
     layer = torch.nn.Sequential(ColumnParallelLinear(16, 24, config=config, init_method=torch.nn.init.normal_,
                                                      bias=False, gather_output=False))
     for field, value in (("tensor_model_parallel_size", 2), ("sequence_parallel", True),
-                         ("gradient_accumulation_fusion", True), ("defer_embedding_wgrad_compute", True), ("cpu_offloading", True)):
+                         ("gradient_accumulation_fusion", True), ("defer_embedding_wgrad_compute", True),
+                         ("cpu_offloading", True)):
         old = getattr(config, field)
         setattr(config, field, value)  # the check reads the config's fields only
         try:

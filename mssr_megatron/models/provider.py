@@ -3,9 +3,9 @@
     model = build_model(hf_config, cfg.model, device)            # after init_megatron(tp, pp); device: compute_device
     outputs = run_microbatches(model, batches, forward_only=True)   # last stage: one output per micro-batch
 
-A micro-batch is a dict with input_ids [B, S], position_ids [3, B, S] and, for prompts with images, pixel_values
-and image_grid_thw, optionally logit_mask [B, S] (the last stage's logits only at those positions, packed: see
-Qwen2_5_VLMegatron.forward) (the MODEL_INPUTS), plus any bookkeeping entries a loss needs (e.g. `rows`). With pipeline
+A micro-batch is a dict with the MODEL_INPUTS: input_ids [B, S], position_ids [3, B, S], for prompts with images
+pixel_values and image_grid_thw, and optionally logit_mask [B, S] (the last stage's logits at those positions only,
+packed: Qwen2_5_VLMegatron.forward); plus any bookkeeping entries a loss needs (e.g. `rows`). With pipeline
 parallelism every micro-batch of one call must have the same [B, S] (the stages exchange fixed shapes); without it,
 each may have its own. Micro-batches may live anywhere (the
 trainer builds them on the CPU): run_microbatches moves each one's model inputs to the model's device as the

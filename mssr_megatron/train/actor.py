@@ -77,7 +77,8 @@ def with_logit_masks(batches: list[dict]) -> list[dict]:
         if mask is None or PAIRED_KEY in batch or not bool(mask.any()):
             out.append(batch)
             continue
-        out.append({**batch, "logit_mask": torch.cat([mask.bool(), mask.new_zeros(mask.shape[0], 1).bool()], 1)})
+        last = torch.zeros(len(mask), 1, dtype=torch.bool, device=mask.device)  # no token follows the last position
+        out.append({**batch, "logit_mask": torch.cat([mask.bool(), last], 1)})
     return out
 
 
